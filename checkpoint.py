@@ -1,0 +1,187 @@
+"""Reading weight files safely and loading them strictly.
+
+Every loader in the project (unet.py, vae.py, sd15.py) goes through this file, so the rules live in one place:
+  - `.safetensors` is opened lazily through `safe_open` (memory-mapped): a tensor is read only when asked for.
+  - `.ckpt` / `.pt` / `.bin` are pickles and are opened only with `torch.load(weights_only=True)`, which refuses to
+    run code; `mmap=True` keeps them lazy too where the file format allows.
+  - `load_strict` checks every key and every shape *before* touching the module, then assigns tensors one at a
+    time, converted straight to the target dtype. Modules are built on the meta device, so a 4 GB checkpoint needs
+    little more RAM than the model it fills. There is never a partial load.
+Every failure is a `CheckpointError` that names the file, the first offending key, expected vs found, and what to do.
+"""
+import json
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+# Prefixes of the original (CompVis/LDM) single-file layout, e.g. v1-5-pruned-emaonly.safetensors.
+LDM_UNET_PREFIX = "model.diffusion_model."
+LDM_VAE_PREFIX = "first_stage_model."
+LDM_TEXT_PREFIX = "cond_stage_model.transformer."
+SUPPORTED = ("a Stable Diffusion 1.x checkpoint: a diffusers folder (model_index.json, unet/, vae/, text_encoder/), "
+             "its unet/ or vae/ subfolder, an original single file (.safetensors or .ckpt), or a UNet folder saved by "
+             "this project")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+class CheckpointError(ValueError):
+    """A weight file or folder that cannot be loaded; the message says which, why and what to do."""
+
+
+class LazyWeights(Mapping):
+    """Read-only name -> tensor view of a safetensors file; each tensor is read from the mmap when indexed."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._file = safe_open(str(path), framework="pt", device="cpu")
+        self._keys = list(self._file.keys())
+
+    def __getitem__(self, key):
+        if key not in self._keys:
+            raise KeyError(key)
+        return self._file.get_tensor(key)
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self):
+        return len(self._keys)
+
+    def shape(self, key) -> tuple:
+        """The tensor's shape from the header, without reading its data."""
+        return tuple(self._file.get_slice(key).get_shape())
+
+
+def shape_of(weights: Mapping, key) -> tuple:
+    """A tensor's shape without reading its data where the mapping allows it."""
+    return weights.shape(key) if hasattr(weights, "shape") else tuple(weights[key].shape)
+
+
+def open_weights(path) -> Mapping:
+    """Open a weight file as a lazy mapping of names to tensors (see module docstring for the safety rules)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder. Expected {SUPPORTED}.")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; open_weights expects a weight file inside it.")
+    if path.suffix == ".safetensors":
+        try:
+            return LazyWeights(path)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e}). The file may be truncated or "
+                                  f"corrupt (an interrupted download?): download or copy it again.") from None
+    if path.suffix in PICKLE_SUFFIXES:
+        return _load_pickle(path)
+    raise CheckpointError(f"{path}: unknown weight file type {path.suffix!r}; expected .safetensors or "
+                          f"{'/'.join(PICKLE_SUFFIXES)}. Expected {SUPPORTED}.")
+
+
+def _load_pickle(path: Path) -> dict:
+    """torch.load with weights_only=True: tensors and plain containers only, a pickle can never run code."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as e:  # torch raises many types for bad pickles: report them all the same way
+        raise CheckpointError(f"{path}: cannot be read as a weights-only PyTorch checkpoint ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:300]}). It may be truncated, corrupt, or contain code "
+                              f"objects, which are never unpickled here. Convert it to .safetensors.") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]  # Lightning-style wrapper of the original SD checkpoints
+    if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: holds no tensors by name (found {type(obj).__name__}); not a checkpoint.")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}  # drop step counters and other scalars
+
+
+def find_weights_file(folder, stems=("diffusion_pytorch_model", "model")) -> Path:
+    """The weight file of a diffusers component folder, preferring safetensors over pickles."""
+    folder = Path(folder)
+    for suffix in (".safetensors", ".bin"):
+        for stem in stems:
+            if (folder / f"{stem}{suffix}").is_file():
+                return folder / f"{stem}{suffix}"
+    found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    raise CheckpointError(f"{folder}: no weights found (looked for {', '.join(s + '.safetensors' for s in stems)}; "
+                          f"the folder holds {found[:10] or 'nothing'}). Expected {SUPPORTED}.")
+
+
+def read_config(path) -> dict:
+    """A JSON config file as a dict, with a clear error if it is missing or malformed."""
+    path = Path(path)
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing. A diffusers component folder needs its config.json.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}).") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(config).__name__}.")
+    return config
+
+
+class RenamedWeights(Mapping):
+    """A lazy view of `weights` under new names: `names` maps each new name to the name in the file."""
+
+    def __init__(self, weights: Mapping, names: dict):
+        self.weights, self.names = weights, names
+
+    def __getitem__(self, key):
+        return self.weights[self.names[key]]
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self):
+        return len(self.names)
+
+    def shape(self, key) -> tuple:
+        return shape_of(self.weights, self.names[key])
+
+
+def with_prefix_removed(weights: Mapping, prefix: str) -> RenamedWeights:
+    """The keys under `prefix` (e.g. LDM_UNET_PREFIX), with the prefix removed."""
+    return RenamedWeights(weights, {k[len(prefix):]: k for k in weights if k.startswith(prefix)})
+
+
+def detect_foreign(weights: Mapping, source) -> None:
+    """Refuse single files of other model families with a message that says what they are (SD1.x only)."""
+    keys = list(weights)
+    if any(k.startswith("conditioner.embedders.") for k in keys):
+        raise CheckpointError(f"{source}: this is an SDXL checkpoint (conditioner.embedders.*); only {SUPPORTED}.")
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        raise CheckpointError(f"{source}: this is an SD 2.x checkpoint (OpenCLIP text encoder "
+                              f"cond_stage_model.model.*); only {SUPPORTED}.")
+    k_proj = LDM_UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    if k_proj in weights and shape_of(weights, k_proj)[1] != 768:
+        raise CheckpointError(f"{source}: cross-attention width {shape_of(weights, k_proj)[1]} at {k_proj}; SD1.x "
+                              f"uses 768 (1024 is SD 2.x). Only {SUPPORTED}.")
+
+
+def load_strict(module: torch.nn.Module, weights: Mapping, source, device="cpu", dtype=None) -> torch.nn.Module:
+    """Fill `module` (possibly on the meta device) with `weights`, whose keys must equal its state_dict's exactly.
+
+    All checks happen before any assignment, so a failure leaves nothing half-loaded. Floating tensors are cast to
+    `dtype` (if given) one at a time as they are read.
+    """
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    if missing:
+        raise CheckpointError(f"{source}: {len(missing)} weight(s) missing, first {missing[0]!r} (shape "
+                              f"{tuple(expected[missing[0]].shape)}). The file is incomplete or belongs to another "
+                              f"model; expected {SUPPORTED}.")
+    if unexpected:
+        raise CheckpointError(f"{source}: {len(unexpected)} unexpected weight(s), first {unexpected[0]!r} (shape "
+                              f"{shape_of(weights, unexpected[0])}). The file belongs to another model or config; "
+                              f"expected {SUPPORTED}.")
+    for k, ref in expected.items():
+        if shape_of(weights, k) != tuple(ref.shape):
+            raise CheckpointError(f"{source}: weight {k!r} has shape {shape_of(weights, k)}, expected "
+                                  f"{tuple(ref.shape)}. The config does not match the weights.")
+    state = {}
+    for k in expected:
+        t = weights[k]
+        state[k] = t.to(device=device, dtype=dtype if (dtype is not None and t.is_floating_point()) else t.dtype)
+    module.load_state_dict(state, strict=True, assign=True)
+    return module

@@ -1,0 +1,113 @@
+"""SCott's latent discriminator: the frozen pretrained UNet with trainable LoRA adapters in its decoder.
+
+Paper (as summarised in PAPER.md): D is initialised from the pretrained SD1.5 UNet; only LoRA weights in the UNet
+decoder are trained (≈3.6 % of the parameters); it is conditioned on the timestep and the text; real = the data
+latent z0, fake = the student's prediction ẑ0; hinge loss. Open choices, and ours:
+  - where the logit comes from: a small trainable head on the last decoder feature map, one logit per latent
+    location (PCM-style patch logits, A2 in REFERENCES.md);
+  - the timestep: clean inputs are scored at t = 0 (DMD2's clean option); `renoise=True` instead noises real and
+    fake to one shared random t with shared noise (LADD/DMD2's "diffusion GAN"), a config switch;
+  - rank: `lora_rank` (the default puts the trainable fraction near the paper's 3.6 % on SD1.5).
+
+Memory: D holds no second UNet. The LoRA delta is added by forward hooks on the teacher's own decoder Linear layers
+and only while `active(backbone)` is entered, so outside that block the teacher computes exactly the teacher. The
+LoRA weights and the head live in this module (so an optimiser, a checkpoint or an all-reduce sees only them); the
+backbone is passed in at call time and never registered as a submodule.
+
+Gradients: the generator loss must reach the student *through* the frozen backbone, so D's forward never runs under
+no_grad; D's own step scores `x_fake.detach()`, so it never reaches the student.
+"""
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class DiscriminatorConfig:
+    lora_rank: int = 64         # rank of every decoder adapter; see trainable_fraction() for what it amounts to
+    lora_alpha: float = 64.0    # delta scale = alpha / rank (1.0 by default)
+    renoise: bool = False       # False: score clean latents at t = 0 (paper: real z0 vs fake ẑ0)
+
+
+class LoRA(nn.Module):
+    """Low-rank delta B·A for one frozen Linear layer (Hu et al. 2021). B starts at zero, so D starts as the UNet."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, scale: float):
+        super().__init__()
+        self.down = nn.Linear(in_features, rank, bias=False)
+        self.up = nn.Linear(rank, out_features, bias=False)
+        nn.init.kaiming_uniform_(self.down.weight, a=5 ** 0.5)
+        nn.init.zeros_(self.up.weight)
+        self.scale = scale
+
+    def forward(self, x):
+        return self.up(self.down(x)) * self.scale
+
+
+class Discriminator(nn.Module):
+    """LoRA adapters for every Linear in `backbone.up_blocks` (attention q/k/v/out, GEGLU feed-forward) + a head."""
+
+    def __init__(self, backbone: nn.Module, cfg: DiscriminatorConfig = DiscriminatorConfig()):
+        super().__init__()
+        self.cfg = cfg
+        self.targets = [name for name, m in backbone.named_modules()
+                        if name.startswith("up_blocks.") and isinstance(m, nn.Linear)]
+        if not self.targets:
+            raise ValueError("the backbone has no Linear layers in up_blocks: is it a UNet from unet.py?")
+        layers = dict(backbone.named_modules())
+        # ModuleDict keys may not contain dots.
+        self.lora = nn.ModuleDict({
+            name.replace(".", "__"): LoRA(layers[name].in_features, layers[name].out_features, cfg.lora_rank,
+                                          cfg.lora_alpha / cfg.lora_rank) for name in self.targets})
+        width = backbone.up_blocks[-1].resnets[-1].conv2.out_channels  # channels of the last decoder feature map
+        self.head = nn.Sequential(nn.GroupNorm(32 if width % 32 == 0 else 1, width), nn.SiLU(),
+                                  nn.Conv2d(width, 1, 3, padding=1))
+        self.to(next(backbone.parameters()).device)
+
+    @contextmanager
+    def active(self, backbone: nn.Module, features: list):
+        """Within this block, the backbone's decoder Linear layers add their LoRA delta and the last decoder
+        feature map is appended to `features`. On exit the backbone is the plain teacher again."""
+        layers = dict(backbone.named_modules())
+        hooks = [layers[name].register_forward_hook(self._add_delta(name)) for name in self.targets]
+        hooks.append(backbone.up_blocks[-1].register_forward_hook(lambda m, i, out: features.append(out)))
+        try:
+            yield
+        finally:
+            for h in hooks:
+                h.remove()
+
+    def _add_delta(self, name):
+        lora = self.lora[name.replace(".", "__")]
+        return lambda module, inputs, out: out + lora(inputs[0]).to(out.dtype)
+
+    def forward(self, backbone, x0: torch.Tensor, context: torch.Tensor, t: torch.Tensor | None = None,
+                noise: torch.Tensor | None = None, alphas_cumprod: torch.Tensor | None = None) -> torch.Tensor:
+        """Patch logits (B, 1, h, w) for latents x0 (B, 4, h, w). With `renoise`, x0 is first noised to `t` with
+        `noise` (both shared by real and fake: the caller passes the same ones); otherwise scored at t = 0."""
+        if self.cfg.renoise:
+            ab = alphas_cumprod.to(x0.device)[t].view(-1, 1, 1, 1).to(x0.dtype)
+            x, t_in = ab.sqrt() * x0 + (1 - ab).sqrt() * noise, t
+        else:
+            x, t_in = x0, torch.zeros(x0.shape[0], dtype=torch.long, device=x0.device)
+        features = []
+        with self.active(backbone, features):
+            backbone(x, t_in, context)  # its ε output is not used: the head reads the decoder's last features
+        return self.head(features[-1])
+
+    def trainable_fraction(self, backbone) -> float:
+        """Trainable parameters of D over the backbone's parameters (the paper reports ≈3.6 % on SD1.5)."""
+        return sum(p.numel() for p in self.parameters()) / sum(p.numel() for p in backbone.parameters())
+
+
+def d_hinge_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """Discriminator hinge loss: E[relu(1 − D(real))] + E[relu(1 + D(fake))] (Lim & Ye 2017; PCM's choice)."""
+    return F.relu(1 - logits_real.float()).mean() + F.relu(1 + logits_fake.float()).mean()
+
+
+def g_hinge_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    """Generator hinge loss: −E[D(fake)], the generator term of the hinge GAN (its gradient is never zero)."""
+    return -logits_fake.float().mean()

@@ -1,0 +1,146 @@
+"""Prompts -> PNG with a SCott student in 1–8 steps, or with the teacher (N-step DDIM / DDPM + CFG) as a baseline.
+
+    python sample.py --prompt "a red circle on the left"                          # the shipped toy model, CPU
+    python sample.py --model PATH/sd15 --student runs/scott/step-0040000/student --steps 2 --prompt "a fox"
+    python sample.py --model PATH/sd15 --teacher --steps 50 --guidance 7.5 --prompt "a fox"   # baseline
+
+One PNG per run (a grid when there are several images) with prompt, seed, steps and model in its text metadata.
+"""
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, PngImagePlugin
+
+from consistency import sample_consistency
+from sd15 import load_sd15
+from sde_solver import NoiseSchedule, sample_teacher
+from unet import load_unet
+
+TOY_MODEL = Path(__file__).resolve().parent / "toy"
+
+
+def generate(bundle, unet, schedule, prompts, steps, guidance, height, width, seed=0, n=1, teacher_eta=None,
+             timings=None):
+    """Images (len(prompts)·n, 3, H, W) in [0, 1]. `unet` is a student (consistency sampling, ω-conditioned) or,
+    with `teacher_eta` set, the teacher (η = 0: DDIM, η = 1: DDPM) with classifier-free guidance ω."""
+    timings = {} if timings is None else timings
+    device = next(unet.parameters()).device
+    prompts = [p for p in prompts for _ in range(n)]
+    tick = _clock(device)
+    cond = bundle.encode_prompts(prompts)
+    timings["text"] = tick()
+    factor = bundle.vae.spatial_factor
+    if height % factor or width % factor:
+        raise ValueError(f"--height/--width must be multiples of {factor} for this model, got {height}×{width}.")
+    # One seed per image, noise drawn on the CPU so an image is the same on every device.
+    shape = (unet.config.in_channels, height // factor, width // factor)
+    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i))
+                         for i in range(len(prompts))]).to(device, cond.dtype)
+    generator = torch.Generator(device).manual_seed(seed)
+    w = torch.full((len(prompts),), float(guidance), device=device)
+    if teacher_eta is None:
+        latents = sample_consistency(unet, noise, cond, w, steps, schedule, generator=generator)
+    else:
+        uncond = bundle.encode_prompts([""])
+        latents = sample_teacher(unet, noise, cond, uncond, w, steps, teacher_eta, schedule, generator=generator)
+    timings["unet"] = tick()
+    images = bundle.vae.decode(latents, fp32=True)
+    timings["decode"] = tick()
+    return ((images.float() + 1) / 2).clamp(0, 1)
+
+
+def _clock(device):
+    """A stopwatch that waits for the GPU, so each stage's time is its own."""
+    last = [time.perf_counter()]
+
+    def tick():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        now, elapsed = time.perf_counter(), time.perf_counter() - last[0]
+        last[0] = now
+        return elapsed
+    return tick
+
+
+def save_grid(images: torch.Tensor, path, columns: int, metadata: dict):
+    """Images (N, 3, H, W) in [0, 1] -> one PNG grid, `metadata` stored as PNG text chunks."""
+    n, _, h, w = images.shape
+    rows = -(-n // columns)
+    grid = np.zeros((rows * h, columns * w, 3), dtype=np.uint8)
+    pixels = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    for i, im in enumerate(pixels):
+        r, c = divmod(i, columns)
+        grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = im
+    info = PngImagePlugin.PngInfo()
+    for k, v in metadata.items():
+        info.add_text(k, str(v))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).save(path, pnginfo=info)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--prompt", action="append", default=[], help="repeatable")
+    p.add_argument("--prompts-file", help="one prompt per line")
+    p.add_argument("--model", default="", help="SD1.5 diffusers folder or single file (default: the toy model)")
+    p.add_argument("--tokenizer", default="", help="tokenizer folder, needed with a single-file --model")
+    p.add_argument("--student", default="", help="distilled UNet folder (default: the toy model's student/)")
+    p.add_argument("--teacher", action="store_true", help="sample the teacher instead (baseline)")
+    p.add_argument("--eta", type=float, default=0.0, help="teacher sampler noise: 0 = DDIM, 1 = DDPM")
+    p.add_argument("--steps", type=int, default=None, help="1–8 for a student (default 2); any for --teacher (50)")
+    p.add_argument("--guidance", type=float, default=None, help="ω (CFG scale; default 7.5 SD1.5, 3 toy)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=int, default=1, help="images per prompt")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--out", default="sample.png")
+    args = p.parse_args(argv)
+
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        prompts += [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+    toy = not args.model
+    if not prompts:
+        prompts = ["a red circle on the left"] if toy else p.error("give --prompt or --prompts-file")
+    steps = args.steps or (50 if args.teacher else 2)
+    if not args.teacher and not 1 <= steps <= 8:
+        p.error(f"--steps {steps}: a consistency student samples in 1–8 steps (use --teacher for more)")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = TOY_MODEL if toy else Path(args.model)
+    if toy:
+        print(f"Using the built-in toy model ({model}): 32×32 synthetic shapes. For SD1.5 pass --model PATH "
+              f"(a diffusers folder or a .safetensors/.ckpt single file) and --student FOLDER.")
+
+    tick = _clock(device)
+    bundle = load_sd15(model, tokenizer=args.tokenizer or None, device=device, dtype=dtype)
+    if args.teacher:
+        unet, label = bundle.unet, f"teacher {'DDIM' if args.eta == 0 else f'DDPM eta={args.eta}'}"
+    else:
+        student = Path(args.student) if args.student else (model / "student" if toy else None)
+        if student is None:
+            p.error("--student FOLDER is required with --model (or pass --teacher for the teacher baseline)")
+        unet, label = load_unet(student, device, dtype).eval(), f"student {student}"
+        if not unet.config.guidance_embed_dim:
+            p.error(f"--student {student}: this UNet has no guidance (ω) input, so it is not a distilled student")
+    print(f"load {tick():.2f}s")
+    size = 32 if toy else 512
+    guidance = args.guidance if args.guidance is not None else (3.0 if toy else 7.5)
+    timings = {}
+    with torch.no_grad():
+        images = generate(bundle, unet, NoiseSchedule(bundle.alphas_cumprod.to(device)), prompts, steps, guidance,
+                          args.height or size, args.width or size, args.seed, args.n,
+                          teacher_eta=args.eta if args.teacher else None, timings=timings)
+    print(" | ".join(f"{k} {v * 1000:.1f} ms" for k, v in timings.items()))
+    save_grid(images, args.out, columns=args.n if len(prompts) > 1 else min(args.n, 8),
+              metadata={"prompt": " | ".join(prompts), "seed": args.seed, "steps": steps, "guidance": guidance,
+                        "model": str(model), "sampler": label})
+    print(f"wrote {args.out} ({len(images)} image(s), {label}, {steps} steps, ω={guidance}, seed {args.seed})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""The pretrained SD1.5 bundle: tokenizer + CLIP text encoder + UNet + VAE + noise schedule, from any layout.
+
+`load_sd15(path)` accepts
+  - a diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/),
+  - an original single file (v1-5-pruned-emaonly.safetensors or a .ckpt, read with weights_only=True); it holds
+    no tokenizer, so pass `tokenizer=` (a folder with vocab.json + merges.txt, e.g. a diffusers copy's tokenizer/),
+  - the toy world's folder (toy/ in this repo): the same diffusers layout, pixel space, so without vae/.
+The text encoder is transformers' CLIPTextModel (CLIP ViT-L/14 text tower), loaded strictly by our own code, so a
+missing weight is an error and never a silent random init.
+"""
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from checkpoint import (LDM_TEXT_PREFIX, SUPPORTED, CheckpointError, RenamedWeights, detect_foreign,
+                        find_weights_file, load_strict, open_weights, read_config)
+from unet import UNet, load_unet
+from vae import VAE, IdentityVAE, load_vae
+
+# CLIP ViT-L/14 text tower as SD1.5 uses it (its text_encoder/config.json): output (B, 77, 768).
+SD15_TEXT_CONFIG = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+                        projection_dim=768, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+TOKENIZER_HELP = ("pass tokenizer=PATH (--tokenizer PATH on the command line): a folder with the CLIP tokenizer "
+                  "(vocab.json + merges.txt), e.g. the tokenizer/ folder of any diffusers copy of SD1.5 or of "
+                  "openai/clip-vit-large-patch14")
+
+
+@dataclass
+class SD15:
+    """Everything a sampler or trainer needs from the pretrained model."""
+    tokenizer: object
+    text_encoder: CLIPTextModel
+    unet: UNet
+    vae: VAE
+    alphas_cumprod: torch.Tensor  # (1000,) float64, ᾱ_t of the training noise schedule
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Prompts -> CLIP last hidden state (B, 77, 768) (B, L, D for the toy encoder)."""
+        return encode_prompts(self.tokenizer, self.text_encoder, prompts)
+
+
+def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
+    """Tokenize to the encoder's full context (77 for CLIP, padded) and return the final hidden states."""
+    length = text_encoder.config.max_position_embeddings
+    ids = tokenizer(list(prompts), padding="max_length", max_length=length, truncation=True,
+                    return_tensors="pt").input_ids
+    return text_encoder(ids.to(text_encoder.device)).last_hidden_state
+
+
+def scaled_linear_alphas_cumprod(beta_start=0.00085, beta_end=0.012, steps=1000) -> torch.Tensor:
+    """SD1.5's training schedule: β_t = (linspace(√β_start, √β_end, 1000))², ᾱ_t = ∏ (1 − β)."""
+    betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, steps, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, dim=0)
+
+
+def _schedule_from_config(path: Path) -> torch.Tensor:
+    """ᾱ_t from a diffusers scheduler/scheduler_config.json (SD1.5's defaults if the folder has none)."""
+    if not path.is_file():
+        return scaled_linear_alphas_cumprod()
+    cfg = read_config(path)
+    kind, steps = cfg.get("beta_schedule", "scaled_linear"), cfg.get("num_train_timesteps", 1000)
+    start, end = cfg.get("beta_start", 0.00085), cfg.get("beta_end", 0.012)
+    if kind == "scaled_linear":
+        return scaled_linear_alphas_cumprod(start, end, steps)
+    if kind == "linear":
+        return torch.cumprod(1 - torch.linspace(start, end, steps, dtype=torch.float64), dim=0)
+    raise CheckpointError(f"{path}: beta_schedule {kind!r} is not supported (SD1.5 uses 'scaled_linear').")
+
+
+def _load_clip_weights(weights, source, config: CLIPTextConfig, device, dtype) -> CLIPTextModel:
+    """CLIPTextModel filled strictly from `weights` whose keys are Hugging Face CLIP names, with or without the
+    `text_model.` level (transformers 4 writes it, transformers 5 does not): match them on the name below it."""
+    with torch.device("meta"):
+        model = CLIPTextModel(config)
+    strip = lambda k: k.removeprefix("text_model.")  # noqa: E731
+    ours = {strip(k): k for k in model.state_dict()}
+    # position_ids is a constant buffer that older files carry as a weight: not a weight to match.
+    names = {ours.get(strip(k), k): k for k in weights if not k.endswith("position_ids")}
+    load_strict(model, RenamedWeights(weights, names), source, device=device, dtype=dtype)
+    # Non-persistent buffers are not in any file; rebuild them off the meta device.
+    emb = model.text_model.embeddings
+    emb.position_ids = torch.arange(config.max_position_embeddings, device=device)[None]
+    return model.eval().requires_grad_(False)
+
+
+def load_text_encoder(path, device="cpu", dtype=torch.float32, config: CLIPTextConfig | None = None):
+    """The CLIP text encoder from a diffusers `text_encoder/` folder, a diffusers root, or an original single file."""
+    path = Path(path)
+    if path.is_dir():
+        folder = path / "text_encoder" if (path / "text_encoder").is_dir() else path
+        config = CLIPTextConfig(**read_config(folder / "config.json"))
+        file = find_weights_file(folder, stems=("model", "pytorch_model"))
+        return _load_clip_weights(open_weights(file), file, config, device, dtype)
+    weights = open_weights(path)
+    detect_foreign(weights, path)
+    names = {k[len(LDM_TEXT_PREFIX):]: k for k in weights if k.startswith(LDM_TEXT_PREFIX)}
+    if not names:
+        raise CheckpointError(f"{path}: no text-encoder weights (keys starting with {LDM_TEXT_PREFIX!r}). "
+                              f"Expected {SUPPORTED}.")
+    return _load_clip_weights(RenamedWeights(weights, names), path, config or CLIPTextConfig(**SD15_TEXT_CONFIG),
+                              device, dtype)
+
+
+def load_tokenizer(path):
+    """A tokenizer folder: CLIP's vocab.json + merges.txt, or any transformers tokenizer saved with save_pretrained."""
+    path = Path(path)
+    if (path / "tokenizer").is_dir():
+        path = path / "tokenizer"
+    if (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+        return CLIPTokenizer(vocab_file=str(path / "vocab.json"), merges_file=str(path / "merges.txt"))
+    raise CheckpointError(f"{path}: not a tokenizer folder (no vocab.json + merges.txt, no tokenizer.json); "
+                          f"{TOKENIZER_HELP}.")
+
+
+def load_sd15(path, tokenizer=None, device="cpu", dtype=torch.float32, text_config=None, unet_config=None,
+              vae_config=None) -> SD15:
+    """Load the whole bundle from a diffusers folder or an original single file (see module docstring).
+
+    `tokenizer` overrides the folder's tokenizer and is required for single files. The *_config arguments give the
+    architecture of a single file that is not SD1.5-sized (tests use tiny ones); folders carry their own configs.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder. Expected {SUPPORTED}.")
+    if path.is_dir():
+        if not (path / "unet").is_dir():
+            raise CheckpointError(f"{path}: not a diffusers model folder (no unet/ subfolder; found "
+                                  f"{sorted(p.name for p in path.iterdir())[:10]}). Expected {SUPPORTED}.")
+        if tokenizer is None and not (path / "tokenizer").is_dir():
+            raise CheckpointError(f"{path}: has no tokenizer/ folder; {TOKENIZER_HELP}.")
+        vae = (load_vae(path / "vae", device, dtype) if (path / "vae").is_dir() else
+               _pixel_space_vae(path, device))
+        return SD15(tokenizer=load_tokenizer(tokenizer or path / "tokenizer"),
+                    text_encoder=load_text_encoder(path / "text_encoder", device, dtype),
+                    unet=load_unet(path / "unet", device, dtype), vae=vae,
+                    alphas_cumprod=_schedule_from_config(path / "scheduler" / "scheduler_config.json"))
+    if tokenizer is None:
+        raise CheckpointError(f"{path}: a single-file checkpoint holds no tokenizer; {TOKENIZER_HELP}.")
+    weights = open_weights(path)
+    detect_foreign(weights, path)
+    alphas = weights["alphas_cumprod"].double() if "alphas_cumprod" in weights else scaled_linear_alphas_cumprod()
+    return SD15(tokenizer=load_tokenizer(tokenizer),
+                text_encoder=load_text_encoder(path, device, dtype, config=text_config),
+                unet=load_unet(path, device, dtype, config=unet_config),
+                vae=load_vae(path, device, dtype, config=vae_config), alphas_cumprod=alphas)
+
+
+def _pixel_space_vae(path: Path, device) -> IdentityVAE:
+    """A folder without vae/ is only valid if model_index.json declares a pixel-space model (the toy world)."""
+    index = read_config(path / "model_index.json") if (path / "model_index.json").is_file() else {}
+    if not index.get("pixel_space", False):
+        raise CheckpointError(f"{path}: has no vae/ subfolder. Expected {SUPPORTED}.")
+    return IdentityVAE().to(device)

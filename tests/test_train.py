@@ -1,0 +1,131 @@
+"""train.py end to end on tiny SD1.5-shaped models: 2-process torchrun (gloo) on a folder and on tar shards,
+bit-exact resume, SIGTERM, and a clear error before any heavy work for a missing model or an empty dataset."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from datasets import write_folder_dataset, write_tar_dataset
+from tiny_models import write_tiny_sd15
+from unet import load_unet
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_RUN = ["--resolution", "32", "--global-batch", "4", "--micro-batch", "2", "--log-every", "1",
+            "--sample-every", "0", "--warmup", "1", "--lr", "1e-3", "--d-lr", "1e-3", "--lora-rank", "2",
+            "--k", "24", "--substeps", "3", "--min-size", "8"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd15")
+    write_tiny_sd15(root)
+    return root
+
+
+def env():
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def read_log(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def weights(folder):
+    return load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["folder", "tar"])
+def test_torchrun_two_processes(tmp_path, tiny_model, layout):
+    data = (write_folder_dataset(tmp_path / "data", n=24, size=40, with_bad=True) if layout == "folder" else
+            write_tar_dataset(tmp_path / "data", n_shards=4, per_shard=6, size=40, with_bad=True))
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+           str(ROOT / "train.py"), "--model", str(tiny_model), "--data", str(data), "--out", str(out),
+           "--steps", "3", "--check-sync-every", "1", "--num-workers", "0", *TINY_RUN]
+    result = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    log = read_log(out)
+    assert [r["step"] for r in log] == [1, 2, 3]
+    assert all(torch.isfinite(torch.tensor([r["loss_cd"], r["loss_g"], r["loss_d"]])).all() for r in log)
+    assert log[-1]["skipped_images"] > 0  # the dataset holds corrupt and tiny images: skipped and counted
+    final = out / (out / "latest").read_text()
+    student, teacher = weights(final / "student"), weights(tiny_model / "unet")
+    assert any(not torch.equal(student[k], teacher[k]) for k in teacher)  # the student trained
+    assert "global batch 4 = micro-batch 2 × accumulation 1 × world 2" in result.stdout
+    # every rank held identical weights after every step, or --check-sync-every 1 would have failed the run
+
+
+def test_resume_is_bit_exact(tmp_path, tiny_model):
+    data = write_folder_dataset(tmp_path / "data", n=16, size=40)
+    # world size 1: global batch 4 = 2 micro-batches of 2 per step, so gradient accumulation is covered too
+    common = ["--model", str(tiny_model), "--data", str(data), "--steps", "4", "--num-workers", "0", *TINY_RUN]
+    train.main([*common, "--out", str(tmp_path / "straight")])
+    train.main([*common, "--out", str(tmp_path / "split"), "--stop-after", "2"])
+    assert (tmp_path / "split" / "latest").read_text() == "step-0000002"
+    train.main([*common, "--out", str(tmp_path / "split"), "--resume", "auto"])
+    a, b = tmp_path / "straight" / "step-0000004", tmp_path / "split" / "step-0000004"
+    for part in ("student", "target"):
+        wa, wb = weights(a / part), weights(b / part)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    sa, sb = (torch.load(p / "state.pt", weights_only=True) for p in (a, b))
+    assert all(torch.equal(v, sb["discriminator"][k]) for k, v in sa["discriminator"].items())
+    assert [r["loss_cd"] for r in read_log(tmp_path / "straight")][2:] == \
+        [r["loss_cd"] for r in read_log(tmp_path / "split")][2:]
+
+
+def test_sigterm_leaves_a_loadable_checkpoint(tmp_path, tiny_model):
+    data = write_folder_dataset(tmp_path / "data", n=16, size=40)
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--model", str(tiny_model), "--data", str(data),
+                             "--out", str(out), "--steps", "100000", "--num-workers", "0", *TINY_RUN],
+                            env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not (out / "log.jsonl").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output[-3000:]
+    assert "stopped at step" in output
+    final = out / (out / "latest").read_text()
+    student = load_unet(final / "student")
+    assert student.config.guidance_embed_dim > 0
+    assert torch.load(final / "state.pt", weights_only=True)["step"] >= 1
+
+
+def test_clear_errors_before_heavy_work(tmp_path, tiny_model):
+    with pytest.raises(SystemExit, match="no such file or folder"):
+        train.main(["--model", str(tmp_path / "missing"), "--data", str(tmp_path)])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(Exception, match="(?i)no images|empty"):
+        train.main(["--model", str(tiny_model), "--data", str(tmp_path / "empty"), *TINY_RUN])
+    with pytest.raises(SystemExit, match="not a multiple"):
+        train.main(["--model", str(tiny_model), "--data", str(tmp_path), "--global-batch", "5", "--micro-batch", "2"])
+
+
+def test_nonfinite_steps_are_skipped_then_stop_with_a_checkpoint(tmp_path, tiny_model, monkeypatch):
+    data = write_folder_dataset(tmp_path / "data", n=16, size=40)
+    real_loss = train.scott_loss
+
+    def poisoned(*args, **kwargs):  # a NaN loss from step 2 on (the first call sets up a good step)
+        result = real_loss(*args, **kwargs)
+        poisoned.calls += 1
+        if poisoned.calls > 2:
+            result.loss = result.loss * float("nan")
+        return result
+    poisoned.calls = 0
+    monkeypatch.setattr(train, "scott_loss", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match="3 non-finite steps in a row"):
+        train.main(["--model", str(tiny_model), "--data", str(data), "--out", str(out), "--steps", "50",
+                    "--max-nonfinite", "3", "--num-workers", "0", *TINY_RUN])
+    state = torch.load(out / (out / "latest").read_text() / "state.pt", weights_only=True)
+    assert state["step"] == 1 and state["counters"]["nonfinite_steps"] == 3

@@ -1,0 +1,60 @@
+"""Tiny SD1.5-shaped models written in the real layouts, shared by the tests (no downloads anywhere)."""
+import json
+
+import torch
+from safetensors.torch import save_file
+from transformers import CLIPTextConfig, CLIPTextModel
+from transformers.models.clip.tokenization_clip import bytes_to_unicode
+
+from unet import UNet, UNetConfig, save_unet
+from vae import VAE, VAEConfig, save_vae
+
+
+def write_tokenizer(folder):
+    """A byte-level CLIP BPE tokenizer with no merges: every character is a token, as in CLIP's base vocabulary."""
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = list(bytes_to_unicode().values())
+    vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return folder
+
+
+def tiny_text_config(vocab_size=514):
+    return CLIPTextConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu",
+                          bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1)
+
+
+def reference_text_encoder(seed=0):
+    torch.manual_seed(seed)
+    return CLIPTextModel(tiny_text_config()).eval()
+
+
+def v4_keys(model: CLIPTextModel) -> dict:
+    """The state dict as transformers 4 wrote it (with the `text_model.` level), whatever version is installed."""
+    return {("text_model." + k if not k.startswith("text_model.") else k): v.clone()
+            for k, v in model.state_dict().items()}
+
+
+def write_text_encoder_folder(folder, model, keys: dict):
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(model.config.to_json_string())
+    save_file(keys, str(folder / "model.safetensors"))
+
+
+def write_tiny_sd15(root, seed=0):
+    """A diffusers-layout folder of a tiny SD1.5-shaped model, written by our savers (diffusers' layout)."""
+    torch.manual_seed(seed)
+    unet_cfg = UNetConfig.tiny()
+    unet = UNet(unet_cfg).eval()
+    vae = VAE(VAEConfig.tiny()).eval()
+    text = reference_text_encoder()
+    save_unet(unet, root / "unet")
+    save_vae(vae, root / "vae")
+    write_text_encoder_folder(root / "text_encoder", text, v4_keys(text))
+    write_tokenizer(root / "tokenizer")
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    return unet, vae, text
+
+
