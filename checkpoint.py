@@ -38,9 +38,13 @@ class LazyWeights(Mapping):
         self.path = path
         self._file = safe_open(str(path), framework="pt", device="cpu")
         self._keys = list(self._file.keys())
+        self._key_set = set(self._keys)
+
+    def __contains__(self, key):  # without this, Mapping's `in` would read the tensor
+        return key in self._key_set
 
     def __getitem__(self, key):
-        if key not in self._keys:
+        if key not in self._key_set:
             raise KeyError(key)
         return self._file.get_tensor(key)
 
@@ -126,6 +130,9 @@ class RenamedWeights(Mapping):
     def __init__(self, weights: Mapping, names: dict):
         self.weights, self.names = weights, names
 
+    def __contains__(self, key):
+        return key in self.names
+
     def __getitem__(self, key):
         return self.weights[self.names[key]]
 
@@ -153,9 +160,9 @@ def detect_foreign(weights: Mapping, source) -> None:
         raise CheckpointError(f"{source}: this is an SD 2.x checkpoint (OpenCLIP text encoder "
                               f"cond_stage_model.model.*); only {SUPPORTED}.")
     k_proj = LDM_UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
-    if k_proj in weights and shape_of(weights, k_proj)[1] != 768:
-        raise CheckpointError(f"{source}: cross-attention width {shape_of(weights, k_proj)[1]} at {k_proj}; SD1.x "
-                              f"uses 768 (1024 is SD 2.x). Only {SUPPORTED}.")
+    if k_proj in weights and shape_of(weights, k_proj)[1] == 1024:
+        raise CheckpointError(f"{source}: cross-attention width 1024 at {k_proj}: an SD 2.x UNet (SD1.x uses "
+                              f"768). Only {SUPPORTED}.")
 
 
 def load_strict(module: torch.nn.Module, weights: Mapping, source, device="cpu", dtype=None) -> torch.nn.Module:

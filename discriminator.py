@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 @dataclass
 class DiscriminatorConfig:
-    lora_rank: int = 64         # rank of every decoder adapter; see trainable_fraction() for what it amounts to
-    lora_alpha: float = 64.0    # delta scale = alpha / rank (1.0 by default)
+    lora_rank: int = 128        # rank of every decoder adapter; see trainable_fraction() for what it amounts to
+    lora_alpha: float = 128.0   # delta scale = alpha / rank (1.0 by default)
     renoise: bool = False       # False: score clean latents at t = 0 (paper: real z0 vs fake ẑ0)
 
 

@@ -81,9 +81,10 @@ def _load_clip_weights(weights, source, config: CLIPTextConfig, device, dtype) -
     # position_ids is a constant buffer that older files carry as a weight: not a weight to match.
     names = {ours.get(strip(k), k): k for k in weights if not k.endswith("position_ids")}
     load_strict(model, RenamedWeights(weights, names), source, device=device, dtype=dtype)
-    # Non-persistent buffers are not in any file; rebuild them off the meta device.
-    emb = model.text_model.embeddings
-    emb.position_ids = torch.arange(config.max_position_embeddings, device=device)[None]
+    # position_ids is a non-persistent buffer (in no file): rebuild it off the meta device.
+    for module in model.modules():
+        if "position_ids" in module._buffers:
+            module.position_ids = torch.arange(config.max_position_embeddings, device=device)[None]
     return model.eval().requires_grad_(False)
 
 
@@ -113,7 +114,7 @@ def load_tokenizer(path):
     if (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file():
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
-        return CLIPTokenizer(vocab_file=str(path / "vocab.json"), merges_file=str(path / "merges.txt"))
+        return CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
     raise CheckpointError(f"{path}: not a tokenizer folder (no vocab.json + merges.txt, no tokenizer.json); "
                           f"{TOKENIZER_HELP}.")
 

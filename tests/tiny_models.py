@@ -4,16 +4,23 @@ import json
 import torch
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
-from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
 from unet import UNet, UNetConfig, save_unet
 from vae import VAE, VAEConfig, save_vae
 
 
+def byte_characters() -> list[str]:
+    """The 256 characters byte-level BPE (GPT-2, CLIP) uses for the bytes: printable ones stand for themselves,
+    the others are shifted past 255 so that every byte is a visible character."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [b for b in range(256) if b not in printable]
+    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(shifted))]
+
+
 def write_tokenizer(folder):
     """A byte-level CLIP BPE tokenizer with no merges: every character is a token, as in CLIP's base vocabulary."""
     folder.mkdir(parents=True, exist_ok=True)
-    chars = list(bytes_to_unicode().values())
+    chars = byte_characters()
     vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
     (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
     (folder / "merges.txt").write_text("#version: 0.2\n")

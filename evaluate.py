@@ -1,0 +1,289 @@
+"""Toy-world metrics: prompt-following accuracy and a Fréchet distance, both from a small classifier.
+
+The toy world (toy.py) knows the truth of every image it makes, so a small CNN trained on its generator can read a
+generated image's shape, colour and position back, and its penultimate features give a feature space in which to
+compare distributions (an FID with this classifier in place of Inception):
+  - prompt accuracy: the fraction of images whose predicted shape / colour / position / all three match the prompt;
+  - Fréchet distance (FD): ‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2 (Σ₁^½ Σ₂ Σ₁^½)^½) between Gaussians fitted to the features of the
+    generated images and of fresh synthetic images of the same prompts (Heusel et al. 2017, eq. 6). It drops when
+    samples match the data in quality *and diversity*, the property SCott claims over LCM.
+
+    python evaluate.py train-classifier                       # ~2 min on CPU -> toy/classifier.safetensors
+    python evaluate.py --model toy/ --teacher-steps 50 --sampler ddim               # the teacher's row
+    python evaluate.py --model toy/ --student toy/student --steps 1 2 4              # the student's rows
+"""
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+
+from toy import COLOURS, POSITIONS, SHAPES, all_prompts, make_toy_batch, prompts_to_labels, render
+
+TOY_DIR = Path(__file__).resolve().parent / "toy"
+CLASSIFIER_PATH = TOY_DIR / "classifier.safetensors"
+REFERENCE_SEED = 1234567  # the fresh synthetic images are drawn from a seed no trainer uses (they use 0, 1, ...)
+ATTRIBUTES = ("shape", "colour", "position")
+
+
+@dataclass
+class ClassifierConfig:
+    width: int = 16          # channels of the first stage; doubled at each of the three downsamplings
+    features: int = 128      # penultimate feature size: the Fréchet distance's space
+    resolution: int = 32
+    steps: int = 1500        # training steps on fresh generator batches
+    batch_size: int = 128
+    lr: float = 2e-3
+    max_noise: float = 0.1   # training images get Gaussian noise of a random std in [0, max_noise]
+    seed: int = 0
+
+
+class ToyClassifier(nn.Module):
+    """A small CNN: three stride-2 stages to 4×4, flattened (not pooled, so position survives), a 128-d feature
+    layer, and one linear head per attribute."""
+
+    def __init__(self, cfg: ClassifierConfig):
+        super().__init__()
+        self.config = cfg
+        w = cfg.width
+
+        def stage(c_in, c_out):  # one resolution level: a stride-2 conv then a conv, each GroupNorm + GELU
+            return [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.GroupNorm(8, c_out), nn.GELU(),
+                    nn.Conv2d(c_out, c_out, 3, padding=1), nn.GroupNorm(8, c_out), nn.GELU()]
+        self.body = nn.Sequential(nn.Conv2d(3, w, 3, padding=1), nn.GELU(),
+                                  *stage(w, 2 * w), *stage(2 * w, 4 * w), *stage(4 * w, 8 * w))
+        side = cfg.resolution // 8
+        self.to_features = nn.Linear(8 * w * side * side, cfg.features)
+        self.heads = nn.ModuleDict({"shape": nn.Linear(cfg.features, len(SHAPES)),
+                                    "colour": nn.Linear(cfg.features, len(COLOURS)),
+                                    "position": nn.Linear(cfg.features, len(POSITIONS))})
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> penultimate features (B, features)."""
+        if images.ndim != 4 or images.shape[1:] != (3, self.config.resolution, self.config.resolution):
+            raise ValueError(f"the toy classifier takes images (B, 3, {self.config.resolution}, "
+                             f"{self.config.resolution}) in [-1, 1], got shape {tuple(images.shape)}.")
+        return F.gelu(self.to_features(self.body(images).flatten(1)))
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Images -> logits per attribute: {"shape": (B, 3), "colour": (B, 4), "position": (B, 5)}."""
+        h = self.features(images)
+        return {name: head(h) for name, head in self.heads.items()}
+
+
+# ---- training and storage --------------------------------------------------------------------------------------
+
+def train_classifier(cfg: ClassifierConfig, log_every: int = 100) -> ToyClassifier:
+    """Cross-entropy on all three heads, fresh generator batches every step (no epochs, no overfitting), AdamW with
+    cosine decay. Mild noise augmentation makes the classifier read shapes, not pixel-perfect renderings, so it
+    scores a slightly grainy sample by what it shows."""
+    torch.manual_seed(cfg.seed)  # the initial weights
+    model = ToyClassifier(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    t0 = time.time()
+    for step in range(1, cfg.steps + 1):
+        batch = make_toy_batch(cfg.batch_size, generator, cfg.resolution)
+        noise_std = torch.rand(cfg.batch_size, 1, 1, 1, generator=generator) * cfg.max_noise
+        images = batch["image"] + noise_std * torch.randn(batch["image"].shape, generator=generator)
+        logits = model(images)
+        loss = sum(F.cross_entropy(logits[a], batch["labels"][:, i]) for i, a in enumerate(ATTRIBUTES))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % log_every == 0 or step == cfg.steps:
+            print(f"step {step}/{cfg.steps} | loss {loss.item():.4f} | {step / (time.time() - t0):.1f} it/s",
+                  flush=True)
+    return model.eval().requires_grad_(False)
+
+
+def save_classifier(model: ToyClassifier, path) -> None:
+    """Weights as safetensors, the config in the file's metadata (one small file, nothing else to keep in sync)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp),
+              metadata={"config": json.dumps(asdict(model.config))})
+    tmp.replace(path)  # atomic: a reader never sees half a file
+
+
+def load_classifier(path=CLASSIFIER_PATH) -> ToyClassifier:
+    """The classifier saved by save_classifier (default: the shipped toy/classifier.safetensors)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no toy classifier there. Train one with `python evaluate.py "
+                                f"train-classifier --out {path}` (about two minutes on a CPU).")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "config" not in meta:
+        raise ValueError(f"{path}: has no 'config' metadata, so it was not written by evaluate.save_classifier; "
+                         f"retrain with `python evaluate.py train-classifier --out {path}`.")
+    model = ToyClassifier(ClassifierConfig(**json.loads(meta["config"])))
+    model.load_state_dict(load_file(str(path)), strict=True)
+    return model.eval().requires_grad_(False)
+
+
+# ---- metrics --------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def _run(classifier: ToyClassifier, images: torch.Tensor, batch_size: int = 256):
+    """(features (N, F) float64, predicted labels (N, 3)) over images in chunks."""
+    feats, preds = [], []
+    for chunk in images.float().split(batch_size):
+        h = classifier.features(chunk)
+        feats.append(h.double())
+        preds.append(torch.stack([classifier.heads[a](h).argmax(-1) for a in ATTRIBUTES], dim=1))
+    return torch.cat(feats), torch.cat(preds)
+
+
+def prompt_accuracy(images: torch.Tensor, prompts: list[str], classifier: ToyClassifier | None = None) -> dict:
+    """How often the image shows what its prompt asks for: {acc_shape, acc_colour, acc_position, acc_all} in [0, 1].
+    images (N, 3, 32, 32) in [-1, 1]; prompts: N toy captions ("a red circle on the left")."""
+    if len(prompts) != images.shape[0]:
+        raise ValueError(f"prompt_accuracy: {images.shape[0]} images but {len(prompts)} prompts; pass one each.")
+    classifier = classifier or load_classifier()
+    _, predicted = _run(classifier, images)
+    correct = predicted == prompts_to_labels(prompts)  # (N, 3)
+    scores = {f"acc_{a}": correct[:, i].float().mean().item() for i, a in enumerate(ATTRIBUTES)}
+    scores["acc_all"] = correct.all(dim=1).float().mean().item()
+    return scores
+
+
+def _sqrtm_psd(matrix: torch.Tensor) -> torch.Tensor:
+    """The symmetric square root of a symmetric positive semi-definite matrix, via its eigendecomposition."""
+    values, vectors = torch.linalg.eigh(matrix)
+    return (vectors * values.clamp(min=0).sqrt()) @ vectors.T
+
+
+def frechet_distance_from_features(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets (N, F) and (M, F).
+
+    Tr((Σ₁Σ₂)^½) is computed as Tr((Σ₁^½ Σ₂ Σ₁^½)^½): the same eigenvalues, but of a symmetric PSD matrix, so two
+    `eigh` calls suffice (no scipy, no complex parts from a non-symmetric sqrtm)."""
+    if a.shape[0] < 2 or b.shape[0] < 2:
+        raise ValueError(f"a Fréchet distance needs at least 2 samples per set, got {a.shape[0]} and {b.shape[0]}.")
+    a, b = a.double(), b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    root_a = _sqrtm_psd(cov_a)
+    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()
+    return ((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross).item()
+
+
+def frechet_distance(images: torch.Tensor, reference_images: torch.Tensor,
+                     classifier: ToyClassifier | None = None) -> float:
+    """Fréchet distance between two image sets (N, 3, 32, 32) in [-1, 1], in the classifier's penultimate features."""
+    classifier = classifier or load_classifier()
+    return frechet_distance_from_features(_run(classifier, images)[0], _run(classifier, reference_images)[0])
+
+
+def reference_images(prompts: list[str], n_reference: int, seed: int = REFERENCE_SEED,
+                     resolution: int = 32) -> torch.Tensor:
+    """Fresh synthetic images (n_reference, 3, H, W) of the given prompts, cycled: the data distribution that a
+    model sampled on `prompts` should match."""
+    labels = prompts_to_labels(prompts)
+    labels = labels[torch.arange(n_reference) % len(prompts)]
+    return render(labels, torch.Generator().manual_seed(seed), resolution)
+
+
+def evaluate_samples(images: torch.Tensor, prompts: list[str], n_reference: int | None = None,
+                     classifier: ToyClassifier | None = None) -> dict:
+    """All toy metrics of generated images (N, 3, 32, 32) in [-1, 1] made for `prompts`:
+    {acc_shape, acc_colour, acc_position, acc_all, fd}, FD against `n_reference` (default N) fresh synthetic
+    images of the same prompts."""
+    classifier = classifier or load_classifier()
+    reference = reference_images(prompts, n_reference or len(prompts), resolution=classifier.config.resolution)
+    return {**prompt_accuracy(images, prompts, classifier), "fd": frechet_distance(images, reference, classifier)}
+
+
+# ---- command line -----------------------------------------------------------------------------------------------
+
+def _print_row(name: str, scores: dict, seconds: float) -> None:
+    print(f"| {name:<28} | {scores['acc_shape']:.3f} | {scores['acc_colour']:.3f} | {scores['acc_position']:.3f} | "
+          f"{scores['acc_all']:.3f} | {scores['fd']:8.3f} | {seconds:7.1f} |", flush=True)
+
+
+def evaluate_models(model, student=None, steps=(1, 2, 4), teacher_steps=None, sampler="ddim", guidance=3.0,
+                    n_per_prompt=8, seed=0, device="cpu") -> list[tuple[str, dict]]:
+    """Sample every toy prompt `n_per_prompt` times with the teacher and/or a student and score them; prints a
+    markdown table and returns [(row name, scores)]. The data's own row (fresh synthetic images) comes first: the
+    best any model can do at this sample size."""
+    from sample import generate  # the project's sampler (teacher DDIM/DDPM + CFG, or consistency steps)
+    from sd15 import load_sd15
+    from sde_solver import NoiseSchedule
+    from unet import load_unet
+
+    classifier = load_classifier()
+    prompts = all_prompts()
+    bundle = load_sd15(model, device=device)
+    schedule = NoiseSchedule(bundle.alphas_cumprod.to(device))
+    size = classifier.config.resolution
+    print("| model | shape | colour | position | all | FD | seconds |\n|---|---|---|---|---|---|---|")
+    data = render(prompts_to_labels([p for p in prompts for _ in range(n_per_prompt)]),
+                  torch.Generator().manual_seed(seed + 1), size)
+    rows = [("data (fresh synthetic)", evaluate_samples(data, [p for p in prompts for _ in range(n_per_prompt)],
+                                                        classifier=classifier))]
+    _print_row(*rows[0], 0.0)
+    jobs = []
+    if teacher_steps:
+        eta = {"ddim": 0.0, "ddpm": 1.0}[sampler]
+        jobs += [(f"teacher {sampler} {n} steps ω={guidance}", bundle.unet, n, eta) for n in teacher_steps]
+    if student:
+        unet = load_unet(student, device).eval()
+        jobs += [(f"student {n} step(s) ω={guidance}", unet, n, None) for n in steps]
+    for name, unet, n, eta in jobs:
+        t0 = time.time()
+        with torch.no_grad():
+            images = generate(bundle, unet, schedule, prompts, n, guidance, size, size, seed=seed, n=n_per_prompt,
+                              teacher_eta=eta)
+        scores = evaluate_samples(images * 2 - 1, [p for p in prompts for _ in range(n_per_prompt)],
+                                  classifier=classifier)
+        rows.append((name, scores))
+        _print_row(name, scores, time.time() - t0)
+    return rows
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train-classifier"]:
+        p = argparse.ArgumentParser(prog="evaluate.py train-classifier", description="train the toy classifier")
+        for name, value in asdict(ClassifierConfig()).items():
+            p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+        p.add_argument("--out", default=str(CLASSIFIER_PATH))
+        args = vars(p.parse_args(argv[1:]))
+        out = args.pop("out")
+        model = train_classifier(ClassifierConfig(**args))
+        save_classifier(model, out)
+        batch = make_toy_batch(2000, torch.Generator().manual_seed(REFERENCE_SEED))
+        print(f"held-out accuracy: {prompt_accuracy(batch['image'], batch['caption'], model)}")
+        print(f"wrote {out}")
+        return
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=str(TOY_DIR), help="the toy model folder (teacher, text encoder)")
+    p.add_argument("--student", default="", help="a distilled student UNet folder to score")
+    p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4], help="student step counts")
+    p.add_argument("--teacher-steps", type=int, nargs="*", default=[], help="teacher step counts, e.g. 50")
+    p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim", help="teacher sampler")
+    p.add_argument("--guidance", type=float, default=3.0, help="ω, classifier-free guidance scale")
+    p.add_argument("--n-per-prompt", type=int, default=8, help="samples per toy prompt (60 prompts)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if not args.student and not args.teacher_steps:
+        p.error("nothing to evaluate: pass --teacher-steps N and/or --student FOLDER")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    evaluate_models(args.model, args.student or None, args.steps, args.teacher_steps, args.sampler, args.guidance,
+                    args.n_per_prompt, args.seed, device)
+
+
+if __name__ == "__main__":
+    main()
