@@ -40,6 +40,7 @@ class GaussianMixture:
         self.weights = weights.double() / weights.sum()
         self.classes = classes.long()
         self.n_classes = int(classes.max()) + 1
+        self.eigvals, self.eigvecs = torch.linalg.eigh(self.covs)  # (K, D), (K, D, D): Σ_k = U diag(λ) Uᵀ
 
     @classmethod
     def ring(cls, n: int = 8, radius: float = 1.5, stds=(0.2, 0.06)) -> "GaussianMixture":
@@ -74,21 +75,22 @@ class GaussianMixture:
         return torch.where(cond.abs().sum(1, keepdim=True) > 0, mask, torch.ones_like(mask))
 
     def log_responsibilities(self, x: torch.Tensor, ab: torch.Tensor, cond: torch.Tensor):
-        """log r_k(x_t) and the pieces of each noisy component N(√ᾱ μ_k, ᾱ Σ_k + (1 − ᾱ) I); ab is (B,) ᾱ_t."""
-        D = self.means.shape[1]
-        cov_t = ab[:, None, None, None] * self.covs + (1 - ab)[:, None, None, None] * torch.eye(D, dtype=torch.float64)
-        prec = torch.linalg.inv(cov_t)  # (B, K, D, D)
+        """log r_k(x_t) of the noisy components N(√ᾱ μ_k, ᾱ Σ_k + (1 − ᾱ) I), ab (B,) = ᾱ_t, and each component's
+        precision-weighted offset (ᾱΣ_k + (1 − ᾱ)I)⁻¹ (x − √ᾱ μ_k), (B, K, D). Σ_k = U diag(λ) Uᵀ makes the noisy
+        covariance U diag(ᾱλ + 1 − ᾱ) Uᵀ: no matrix inverse per timestep."""
+        var = ab[:, None, None] * self.eigvals + (1 - ab)[:, None, None]  # (B, K, D)
         diff = x[:, None, :] - ab.sqrt()[:, None, None] * self.means  # (B, K, D)
-        maha = torch.einsum("bki,bkij,bkj->bk", diff, prec, diff)
-        log_p = self.weights.log() + self.component_mask(cond).log() - 0.5 * (maha + torch.logdet(cov_t))
-        return log_p.log_softmax(1), prec, diff
+        y = torch.einsum("kij,bki->bkj", self.eigvecs, diff) / var  # Uᵀ (x − m) / v
+        maha = (y * y * var).sum(-1)
+        log_p = self.weights.log() + self.component_mask(cond).log() - 0.5 * (maha + var.log().sum(-1))
+        return log_p.log_softmax(1), torch.einsum("kij,bkj->bki", self.eigvecs, y)
 
     def eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
         """Exact ε(x_t, t | c) = −√(1 − ᾱ) ∇ log p_t(x_t | c), with ∇ log p_t = −Σ_k r_k (ᾱΣ_k + (1−ᾱ)I)⁻¹ (x − √ᾱ μ_k)."""
         x = x_t.double()
         ab = schedule.alpha_bar(t, x).view(-1)
-        log_r, prec, diff = self.log_responsibilities(x, ab, cond)
-        score = -torch.einsum("bk,bkij,bkj->bi", log_r.exp(), prec, diff)
+        log_r, offsets = self.log_responsibilities(x, ab, cond)
+        score = -(log_r.exp()[:, :, None] * offsets).sum(1)
         return (-(1 - ab).sqrt()[:, None] * score).to(x_t.dtype)
 
     def teacher(self, schedule: NoiseSchedule):

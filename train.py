@@ -244,10 +244,10 @@ def main(argv=None):
     # Models: load in fp32 once, make the student from it, then cast the frozen copies.
     bundle = load_sd15(model_path, tokenizer=cfg.tokenizer or None, device=device)
     student = make_student(bundle.unet, ccfg.w_embed_dim)
-    if resume_from is not None:
-        student = load_unet(resume_from / "student", device)
-    target = load_unet(resume_from / "target", device) if resume_from else make_student(bundle.unet, ccfg.w_embed_dim)
-    target.requires_grad_(False).eval()
+    target = make_student(bundle.unet, ccfg.w_embed_dim).requires_grad_(False).eval()
+    if resume_from is not None:  # load into the same modules, so the optimiser's parameter order is unchanged
+        student.load_state_dict(load_unet(resume_from / "student", device).state_dict())
+        target.load_state_dict(load_unet(resume_from / "target", device).state_dict())
     teacher = bundle.unet.to(frozen_dtype).requires_grad_(False).eval()
     bundle.vae.to(frozen_dtype).requires_grad_(False)
     bundle.text_encoder.to(frozen_dtype)

@@ -190,12 +190,12 @@ class TimestepEmbedding(nn.Module):
 class ResnetBlock(nn.Module):
     """LDM ResBlock: GN-SiLU-conv, + projected time embedding, GN-SiLU-conv, + shortcut (1×1 conv if widths differ)."""
 
-    def __init__(self, in_ch: int, out_ch: int, temb_dim: int, groups: int):
+    def __init__(self, in_ch: int, out_ch: int, cfg: UNetConfig):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, in_ch, eps=1e-5)
+        self.norm1 = nn.GroupNorm(cfg.norm_groups, in_ch, eps=1e-5)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.time_emb_proj = nn.Linear(temb_dim, out_ch)
-        self.norm2 = nn.GroupNorm(groups, out_ch, eps=1e-5)
+        self.time_emb_proj = nn.Linear(4 * cfg.block_channels[0], out_ch)  # from the time embedding's width
+        self.norm2 = nn.GroupNorm(cfg.norm_groups, out_ch, eps=1e-5)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
@@ -266,11 +266,11 @@ class SpatialTransformer(nn.Module):
     """LDM's SpatialTransformer (diffusers: Transformer2DModel): GN, 1×1 conv in, pixels as tokens through one
     TransformerBlock, 1×1 conv out, residual."""
 
-    def __init__(self, channels: int, context_dim: int, heads: int, groups: int):
+    def __init__(self, channels: int, cfg: UNetConfig):
         super().__init__()
-        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.norm = nn.GroupNorm(cfg.norm_groups, channels, eps=1e-6)
         self.proj_in = nn.Conv2d(channels, channels, 1)
-        self.transformer_blocks = nn.ModuleList([TransformerBlock(channels, context_dim, heads)])
+        self.transformer_blocks = nn.ModuleList([TransformerBlock(channels, cfg.cross_attention_dim, cfg.num_heads)])
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
     def forward(self, x, context):
@@ -282,6 +282,8 @@ class SpatialTransformer(nn.Module):
 
 
 class Downsample(nn.Module):
+    """A stride-2 3×3 conv (a module of its own only so the key is diffusers' `downsamplers.0.conv`)."""
+
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
@@ -307,11 +309,9 @@ class DownBlock(nn.Module):
 
     def __init__(self, in_ch, out_ch, cfg: UNetConfig, attention: bool, downsample: bool):
         super().__init__()
-        temb, n = 4 * cfg.block_channels[0], cfg.layers_per_block
-        self.resnets = nn.ModuleList([ResnetBlock(in_ch if i == 0 else out_ch, out_ch, temb, cfg.norm_groups)
-                                      for i in range(n)])
-        self.attentions = nn.ModuleList([SpatialTransformer(out_ch, cfg.cross_attention_dim, cfg.num_heads,
-                                                            cfg.norm_groups) for _ in range(n)]) if attention else None
+        n = cfg.layers_per_block
+        self.resnets = nn.ModuleList([ResnetBlock(in_ch if i == 0 else out_ch, out_ch, cfg) for i in range(n)])
+        self.attentions = nn.ModuleList([SpatialTransformer(out_ch, cfg) for _ in range(n)]) if attention else None
         self.downsamplers = nn.ModuleList([Downsample(out_ch)]) if downsample else None
 
     def forward(self, x, temb, context):
@@ -333,11 +333,10 @@ class UpBlock(nn.Module):
 
     def __init__(self, in_ch, out_ch, skip_channels, cfg: UNetConfig, attention: bool, upsample: bool):
         super().__init__()
-        temb = 4 * cfg.block_channels[0]
-        self.resnets = nn.ModuleList([ResnetBlock((in_ch if i == 0 else out_ch) + s, out_ch, temb, cfg.norm_groups)
+        self.resnets = nn.ModuleList([ResnetBlock((in_ch if i == 0 else out_ch) + s, out_ch, cfg)
                                       for i, s in enumerate(skip_channels)])
-        self.attentions = nn.ModuleList([SpatialTransformer(out_ch, cfg.cross_attention_dim, cfg.num_heads,
-                                                            cfg.norm_groups) for _ in skip_channels]) if attention else None
+        self.attentions = (nn.ModuleList([SpatialTransformer(out_ch, cfg) for _ in skip_channels]) if attention
+                           else None)
         self.upsamplers = nn.ModuleList([Upsample(out_ch)]) if upsample else None
 
     def forward(self, x, skips, temb, context, out_size):
@@ -355,10 +354,8 @@ class MidBlock(nn.Module):
 
     def __init__(self, channels, cfg: UNetConfig):
         super().__init__()
-        temb = 4 * cfg.block_channels[0]
-        self.resnets = nn.ModuleList([ResnetBlock(channels, channels, temb, cfg.norm_groups) for _ in range(2)])
-        self.attentions = nn.ModuleList([SpatialTransformer(channels, cfg.cross_attention_dim, cfg.num_heads,
-                                                            cfg.norm_groups)])
+        self.resnets = nn.ModuleList([ResnetBlock(channels, channels, cfg) for _ in range(2)])
+        self.attentions = nn.ModuleList([SpatialTransformer(channels, cfg)])
 
     def forward(self, x, temb, context):
         x = self.resnets[0](x, temb)
@@ -432,7 +429,8 @@ def _per_sample(value, x, name):
     if value.ndim == 0:
         value = value.expand(x.shape[0])
     if value.shape != (x.shape[0],):
-        raise ValueError(f"UNet: {name} must have shape (B,) = ({x.shape[0]},) or be a scalar; got {tuple(value.shape)}.")
+        raise ValueError(f"UNet: {name} must have shape (B,) = ({x.shape[0]},) or be a scalar; "
+                         f"got {tuple(value.shape)}.")
     return value
 
 
@@ -478,8 +476,8 @@ def ldm_unet_key_map(cfg: UNetConfig) -> dict:
         for i in range(n + 1):
             modules[f"up_blocks.{b}.resnets.{i}"] = f"output_blocks.{b * (n + 1) + i}.0"
             modules[f"up_blocks.{b}.attentions.{i}"] = f"output_blocks.{b * (n + 1) + i}.1"
-        has_attention = cfg.attention_levels[levels - 1 - b]
-        modules[f"up_blocks.{b}.upsamplers.0.conv"] = f"output_blocks.{b * (n + 1) + n}.{2 if has_attention else 1}.conv"
+        after = 2 if cfg.attention_levels[levels - 1 - b] else 1  # after the ResBlock [and the transformer]
+        modules[f"up_blocks.{b}.upsamplers.0.conv"] = f"output_blocks.{b * (n + 1) + n}.{after}.conv"
     for ours, ldm in list(modules.items()):
         if ".resnets." in ours:
             modules.update({f"{ours}.{a}": f"{ldm}.{b}" for a, b in LDM_RESNET_NAMES.items()})
