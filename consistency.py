@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sde_solver import NoiseSchedule, check_eta, check_substeps, randn_like, teacher_transition
+from sde_solver import NOISE_KINDS, NoiseSchedule, check_eta, check_substeps, randn_like, teacher_transition
 
 
 @dataclass
@@ -46,6 +46,8 @@ class ConsistencyConfig:
                              f"choose k a multiple of h (paper: k=24, h=3).")
         if not self.w_min <= self.w_max:
             raise ValueError(f"need w_min ≤ w_max, got w_min={self.w_min}, w_max={self.w_max}.")
+        if self.noise_kind not in NOISE_KINDS:
+            raise ValueError(f"noise_kind must be one of {NOISE_KINDS}, got {self.noise_kind!r}.")
         if self.timestep_sampling not in ("uniform", "grid"):
             raise ValueError(f"timestep_sampling must be 'uniform' or 'grid', got {self.timestep_sampling!r}.")
         if self.loss not in ("l2", "huber"):
@@ -71,7 +73,7 @@ def sinusoidal_embedding(x: torch.Tensor, dim: int) -> torch.Tensor:
     """(B,) -> (B, dim): [sin(x f_i), cos(x f_i)], f_i = 10000^{−i/(half−1)}, sin half first (VDM's convention,
     which LCM's guidance embedding follows); an odd `dim` is zero-padded."""
     half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=x.device) / (half - 1))
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=x.device) * -(math.log(10000.0) / (half - 1)))
     angles = x.float()[:, None] * freqs[None, :]  # (B, half)
     emb = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
     return torch.nn.functional.pad(emb, (0, dim % 2))

@@ -14,7 +14,9 @@ the exact mixture at ω = 1, the teacher's 50-step DDIM at ω = 2 (CFG has no cl
 """
 import argparse
 import copy
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 
 import torch
@@ -132,11 +134,12 @@ class MLPStudent(nn.Module):
 @dataclass
 class ExperimentConfig:
     seeds: int = 3
-    pretrain_steps: int = 3000     # ε-regression of the student's initialisation (its "teacher weights")
-    distill_steps: int = 2000      # CD / SCott steps per configuration
-    batch: int = 512
+    pretrain_steps: int = 2000     # ε-regression of the student's initialisation (its "teacher weights")
+    distill_steps: int = 1000      # CD / SCott steps per configuration, cosine learning-rate decay
+    batch: int = 256
+    hidden: int = 128              # MLP width (3 hidden layers)
     lr_pretrain: float = 2e-3
-    lr_distill: float = 2e-4
+    lr_distill: float = 3e-4
     w_min: float = 1.0             # ω range of distillation (CFG form; ω = 1: no guidance)
     w_max: float = 3.0
     eval_w: tuple = (1.0, 2.0)     # ω = 1 is scored against the exact mixture, others against 50-step DDIM
@@ -145,12 +148,14 @@ class ExperimentConfig:
     n_projections: int = 256
     etas: tuple = (0.1, 0.3, 0.6, 1.0)
     substeps: tuple = (1, 2, 3)
+    workers: int = 2               # processes (one thread each); tiny MLPs scale better this way than with threads
 
 
 def methods(cfg: ExperimentConfig):
     """(row name, η, h): vanilla CD, CD with h ODE sub-steps (separates the effect of h from that of noise), SCott."""
-    rows = [("CD (η=0, h=1)", 0.0, 1)] + [(f"CD, ODE sub-steps (η=0, h={h})", 0.0, h) for h in cfg.substeps if h > 1]
-    return rows + [(f"SCott η={eta}, h={h}", eta, h) for eta in cfg.etas for h in cfg.substeps]
+    h_max = max(cfg.substeps)
+    rows = [("CD (η=0, h=1)", 0.0, 1)] + ([(f"CD with ODE sub-steps (η=0, h={h_max})", 0.0, h_max)] if h_max > 1 else [])
+    return rows + [(f"SCott η={eta:g}, h={h}", eta, h) for eta in cfg.etas for h in cfg.substeps]
 
 
 def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, n_projections: int, generator: torch.Generator) -> float:
@@ -164,15 +169,19 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, n_projections: int, gen
     return (pa - pb).abs().mean().item()
 
 
-def pretrain(student, mixture, schedule, cfg: ExperimentConfig, generator):
+def training_batch(mixture, batch: int, generator):
+    """(x0 (B, 2), one-hot class (B, C)): classes drawn with their mixture weight, then x0 from that class."""
+    labels = torch.multinomial(mixture.class_probs(), batch, replacement=True, generator=generator)
+    return mixture.sample(batch, generator, labels)[0], mixture.one_hot(labels)
+
+
+def pretrain(student, mixture, schedule, cfg: ExperimentConfig, generator) -> float:
     """The student's initialisation: regress ε_θ(x_t, t, c, ω) onto the exact conditional ε (ω is an input the
-    target ignores, as for a teacher UNet before distillation)."""
+    target ignores, as for a teacher UNet before distillation). Returns the last batch's ε-MSE."""
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr_pretrain)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.pretrain_steps)
+    lr_decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.pretrain_steps)
     for _ in range(cfg.pretrain_steps):
-        labels = torch.multinomial(mixture.class_probs(), cfg.batch, replacement=True, generator=generator)
-        x0, _ = mixture.sample(cfg.batch, generator, labels)
-        cond = mixture.one_hot(labels)
+        x0, cond = training_batch(mixture, cfg.batch, generator)
         t = torch.randint(0, 1000, (cfg.batch,), generator=generator)
         x_t = schedule.add_noise(x0, torch.randn(x0.shape, dtype=x0.dtype, generator=generator), t)
         w = cfg.w_min + (cfg.w_max - cfg.w_min) * torch.rand(cfg.batch, generator=generator)
@@ -180,7 +189,7 @@ def pretrain(student, mixture, schedule, cfg: ExperimentConfig, generator):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        sched.step()
+        lr_decay.step()
     return loss.item()
 
 
@@ -190,22 +199,39 @@ def distill(init, mixture, schedule, ccfg: ConsistencyConfig, cfg: ExperimentCon
     teacher = mixture.teacher(schedule)
     uncond = torch.zeros(1, mixture.n_classes, dtype=torch.float64)
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr_distill)
+    lr_decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.distill_steps)
     for _ in range(cfg.distill_steps):
-        labels = torch.multinomial(mixture.class_probs(), cfg.batch, replacement=True, generator=generator)
-        x0, _ = mixture.sample(cfg.batch, generator, labels)
-        res = scott_loss(student, target, teacher, x0.float(), mixture.one_hot(labels), uncond, schedule, ccfg,
-                         generator)
+        x0, cond = training_batch(mixture, cfg.batch, generator)
+        res = scott_loss(student, target, teacher, x0.float(), cond, uncond, schedule, ccfg, generator)
         opt.zero_grad(set_to_none=True)
         res.loss.backward()
         opt.step()
+        lr_decay.step()
         ema_update(target, student, ccfg.ema_decay)
     return student
 
 
-def evaluate(sampler, references, mixture, cfg: ExperimentConfig, seed: int) -> dict:
-    """{(ω, steps): SWD} of `sampler(noise, cond, w, steps, generator)` against the reference sample per ω."""
+def make_references(mixture, schedule, cfg: ExperimentConfig, seed: int, draw: int = 0) -> dict:
+    """{ω: (class labels, reference x0)}: the exact mixture at ω = 1, the teacher's 50-step DDIM otherwise.
+    Another `draw` is an independent sample of the same reference (for the SWD noise floor)."""
+    g = torch.Generator().manual_seed(20_000 + 2 * seed + draw)
+    refs = {}
+    for w in cfg.eval_w:
+        labels = torch.multinomial(mixture.class_probs(), cfg.n_eval, replacement=True, generator=g)
+        if w == 1.0:
+            x = mixture.sample(cfg.n_eval, g, labels)[0].float()
+        else:
+            noise = torch.randn(cfg.n_eval, 2, generator=g)
+            x = sample_teacher(mixture.teacher(schedule), noise, mixture.one_hot(labels).float(),
+                               torch.zeros(1, mixture.n_classes), w, 50, 0.0, schedule)
+        refs[w] = (labels, x)
+    return refs
+
+
+def evaluate(sampler, mixture, schedule, cfg: ExperimentConfig, seed: int) -> dict:
+    """{(ω, steps): sliced W1} of `sampler(noise, cond, w, steps, generator)` against the reference of each ω."""
     scores = {}
-    for w, (labels, ref) in references.items():
+    for w, (labels, ref) in make_references(mixture, schedule, cfg, seed).items():
         for steps in cfg.eval_steps:
             g = torch.Generator().manual_seed(10_000 + seed)
             noise = torch.randn(cfg.n_eval, 2, generator=g)
@@ -214,60 +240,77 @@ def evaluate(sampler, references, mixture, cfg: ExperimentConfig, seed: int) -> 
     return scores
 
 
-def make_references(mixture, schedule, cfg: ExperimentConfig, seed: int) -> tuple:
-    """Per ω: (class labels, reference x0), and the same for an independent second draw (the SWD noise floor)."""
-    teacher = mixture.teacher(schedule)
+def baseline_job(cfg: ExperimentConfig, seed: int) -> dict:
+    """The rows that need no student: the SWD noise floor and the undistilled teacher at 1/2/4 DDIM steps."""
+    mixture, schedule = GaussianMixture.ring(), NoiseSchedule.sd15()
+    second = make_references(mixture, schedule, cfg, seed, draw=1)
+    floor = evaluate(lambda noise, cond, w, steps, g: second[float(w[0])][1], mixture, schedule, cfg, seed)
     uncond = torch.zeros(1, mixture.n_classes)
-    out = []
-    for draw in range(2):
-        g = torch.Generator().manual_seed(20_000 + 2 * seed + draw)
-        refs = {}
-        for w in cfg.eval_w:
-            labels = torch.multinomial(mixture.class_probs(), cfg.n_eval, replacement=True, generator=g)
-            if w == 1.0:
-                x = mixture.sample(cfg.n_eval, g, labels)[0].float()
-            else:
-                noise = torch.randn(cfg.n_eval, 2, generator=g)
-                x = sample_teacher(teacher, noise, mixture.one_hot(labels).float(), uncond, w, 50, 0.0, schedule)
-            refs[w] = (labels, x)
-        out.append(refs)
-    return out[0], out[1]
+    teacher = evaluate(lambda noise, cond, w, steps, g: sample_teacher(mixture.teacher(schedule), noise, cond, uncond,
+                                                                       w, steps, 0.0, schedule),
+                       mixture, schedule, cfg, seed)
+    return {"reference vs. a second reference draw (noise floor)": floor,
+            "teacher DDIM, same number of steps (no distillation)": teacher}
+
+
+def pretrain_job(cfg: ExperimentConfig, seed: int) -> tuple:
+    """(state dict of the pretrained ε-MLP, its final ε-MSE) for one seed."""
+    mixture, schedule = GaussianMixture.ring(), NoiseSchedule.sd15()
+    torch.manual_seed(seed)  # the MLP's initial weights
+    init = MLPStudent(mixture.n_classes, hidden=cfg.hidden)
+    loss = pretrain(init, mixture, schedule, cfg, torch.Generator().manual_seed(seed))
+    return init.state_dict(), loss
+
+
+def method_job(cfg: ExperimentConfig, seed: int, init_state: dict, eta: float, substeps: int) -> dict:
+    """Distil one (η, h) configuration from the seed's pretrained student and score its 1/2/4-step samples."""
+    mixture, schedule = GaussianMixture.ring(), NoiseSchedule.sd15()
+    init = MLPStudent(mixture.n_classes, hidden=cfg.hidden)
+    init.load_state_dict(init_state)
+    ccfg = ConsistencyConfig(eta=eta, substeps=substeps, w_min=cfg.w_min, w_max=cfg.w_max)
+    student = distill(init, mixture, schedule, ccfg, cfg, torch.Generator().manual_seed(1000 + seed))
+    return evaluate(lambda noise, cond, w, steps, g: sample_consistency(student, noise, cond, w, steps, schedule,
+                                                                        generator=g),
+                    mixture, schedule, cfg, seed)
 
 
 def run(cfg: ExperimentConfig, log=print) -> dict:
-    """All seeds × methods; returns {row name: [scores per seed]}."""
-    mixture, schedule = GaussianMixture.ring(), NoiseSchedule.sd15()
-    teacher = mixture.teacher(schedule)
-    uncond = torch.zeros(1, mixture.n_classes)
-    results = {}
-    for seed in range(cfg.seeds):
-        references, second_draw = make_references(mixture, schedule, cfg, seed)
-        floor = {(w, s): sliced_wasserstein(references[w][1], second_draw[w][1], cfg.n_projections,
-                                            torch.Generator().manual_seed(seed))
-                 for w in cfg.eval_w for s in cfg.eval_steps}
-        results.setdefault("reference vs. a second reference draw (noise floor)", []).append(floor)
-        teacher_sampler = lambda noise, cond, w, steps, g: sample_teacher(  # noqa: E731
-            teacher, noise, cond, uncond, w, steps, 0.0, schedule)
-        results.setdefault("teacher DDIM, same number of steps (no distillation)", []).append(
-            evaluate(teacher_sampler, references, mixture, cfg, seed))
-
-        g = torch.Generator().manual_seed(seed)
-        torch.manual_seed(seed)  # the MLP's initial weights
-        init = MLPStudent(mixture.n_classes)
-        tick = time.time()
-        loss = pretrain(init, mixture, schedule, cfg, g)
-        log(f"seed {seed}: pretrained ε-MLP, final ε-MSE {loss:.4f} ({time.time() - tick:.0f}s)")
-        for name, eta, h in methods(cfg):
-            tick = time.time()
-            ccfg = ConsistencyConfig(eta=eta, substeps=h, w_min=cfg.w_min, w_max=cfg.w_max)
-            student = distill(init, mixture, schedule, ccfg, cfg, torch.Generator().manual_seed(1000 + seed))
-            student_sampler = lambda noise, cond, w, steps, g: sample_consistency(  # noqa: E731
-                student, noise, cond, w, steps, schedule, generator=g)
-            scores = evaluate(student_sampler, references, mixture, cfg, seed)
+    """All seeds × rows, spread over `cfg.workers` processes; returns {row name: [scores of each seed]}."""
+    pool = ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=torch.set_num_threads, initargs=(1,)) if cfg.workers > 1 else None
+    submit = (lambda fn, *args: pool.submit(fn, *args)) if pool else (lambda fn, *args: _Done(fn(*args)))
+    tick = time.time()
+    try:
+        baselines = [submit(baseline_job, cfg, seed) for seed in range(cfg.seeds)]
+        inits = [submit(pretrain_job, cfg, seed) for seed in range(cfg.seeds)]
+        jobs = []
+        for seed, future in enumerate(inits):
+            state, loss = future.result()
+            log(f"seed {seed}: pretrained ε-MLP, last-batch ε-MSE {loss:.4f} ({time.time() - tick:.0f}s)")
+            jobs += [(name, seed, submit(method_job, cfg, seed, state, eta, h)) for name, eta, h in methods(cfg)]
+        results = {}
+        for future in baselines:
+            for name, scores in future.result().items():
+                results.setdefault(name, []).append(scores)
+        for name, seed, future in jobs:
+            scores = future.result()
             results.setdefault(name, []).append(scores)
-            log(f"seed {seed}: {name}: " + ", ".join(f"ω={w} {s}-step {v:.4f}" for (w, s), v in scores.items())
+            log(f"seed {seed}: {name}: " + ", ".join(f"ω={w:g} {s}-step {100 * v:.2f}" for (w, s), v in scores.items())
                 + f" ({time.time() - tick:.0f}s)")
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
     return results
+
+
+class _Done:
+    """A finished "future", so that workers=1 runs the same code path in-process."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
 
 
 def markdown_table(results: dict, cfg: ExperimentConfig) -> str:
@@ -290,11 +333,12 @@ def main(argv=None):
     p.add_argument("--distill-steps", type=int, default=ExperimentConfig.distill_steps)
     p.add_argument("--pretrain-steps", type=int, default=ExperimentConfig.pretrain_steps)
     p.add_argument("--quick", action="store_true", help="1 seed, 300 steps, η ∈ {0.3, 1}, h ∈ {1, 3}: a smoke run")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--workers", type=int, default=ExperimentConfig.workers, help="processes, one CPU thread each")
     p.add_argument("--out", default="", help="also write the markdown table to this file")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    cfg = ExperimentConfig(seeds=args.seeds, distill_steps=args.distill_steps, pretrain_steps=args.pretrain_steps)
+    torch.set_num_threads(1)
+    cfg = ExperimentConfig(seeds=args.seeds, distill_steps=args.distill_steps, pretrain_steps=args.pretrain_steps,
+                           workers=args.workers)
     if args.quick:
         cfg = replace(cfg, seeds=1, pretrain_steps=500, distill_steps=300, n_eval=2000, etas=(0.3, 1.0),
                       substeps=(1, 3))

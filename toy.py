@@ -163,3 +163,205 @@ def make_toy_loader(batch_size: int, rank: int = 0, world_size: int = 1, start_b
     while True:
         yield make_toy_batch(batch_size, torch.Generator().manual_seed(batch_seed(seed, rank, index)), size)
         index += 1
+
+
+# ---- text: word-level tokenizer and a tiny, frozen, random CLIP text encoder ------------------------------------
+
+PAD, UNK = "<pad>", "<unk>"
+CONTEXT_LENGTH = 16  # tokens per caption, padded; captions have 6 words
+
+
+def vocabulary() -> list[str]:
+    """Every word of every caption, after the pad and unknown tokens (pad is id 0)."""
+    words = sorted({w for p in all_prompts() for w in p.split()})
+    return [PAD, UNK] + words
+
+
+def build_tokenizer():
+    """A word-level tokenizer (lower-cased, split on whitespace and punctuation, unknown words -> <unk>), padded to
+    CONTEXT_LENGTH, wrapped as a transformers tokenizer so `save_pretrained` / `AutoTokenizer` handle it like CLIP's."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {word: i for i, word in enumerate(vocabulary())}
+    core = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token=PAD, unk_token=UNK,
+                                   model_max_length=CONTEXT_LENGTH)
+
+
+def build_text_encoder(hidden_size: int, seed: int = 0):
+    """A 2-layer CLIPTextModel with random weights from `seed`, frozen. It never learns: random token and position
+    embeddings mixed by random (causal) attention already give each caption a distinct feature sequence, and the
+    UNet learns to read them, which is all SD1.5 asks of CLIP. Its width must be the UNet's cross_attention_dim.
+    The empty prompt (all <pad>) is the unconditional input of classifier-free guidance."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+    config = CLIPTextConfig(vocab_size=len(vocabulary()), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                            num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=CONTEXT_LENGTH,
+                            hidden_act="quick_gelu", pad_token_id=0, bos_token_id=0,
+                            eos_token_id=0)  # "eos" = the first pad after the words: the pooled output (unused)
+    torch.manual_seed(seed)  # CLIPTextModel draws its init from the global generator
+    return CLIPTextModel(config).eval().requires_grad_(False)
+
+
+# ---- the teacher: a small pixel-space UNet trained with the ε-prediction loss ----------------------------------
+
+def toy_unet_config():
+    """The toy teacher's UNet: four levels 32→16→8→4 px, thin at full resolution (the cost of a CPU step is mostly
+    the 32×32 convolutions) and attending to the text only at 8×8 and 4×4, where a token sees the whole image.
+    ~1.7M parameters, ~7 MB in float32."""
+    from unet import UNetConfig
+    return UNetConfig(in_channels=3, out_channels=3, block_channels=(16, 32, 64, 64), layers_per_block=1,
+                      attention_levels=(False, False, True, True), num_heads=4, cross_attention_dim=64,
+                      norm_groups=8, sample_size=32)
+
+
+@dataclass
+class TeacherConfig:
+    steps: int = 5000
+    batch_size: int = 32
+    lr: float = 1e-3             # peak, after a linear warm-up; cosine decay to lr/10 at `steps`
+    warmup: int = 200
+    ema_decay: float = 0.999     # the saved teacher is the EMA of the weights (smoother samples)
+    caption_dropout: float = 0.1 # fraction of captions replaced by "" so the teacher also learns ε(x, t, ""): CFG
+    grad_clip: float = 1.0
+    save_every: int = 1000
+    log_every: int = 50
+    seed: int = 0                # data and noise; the text encoder has its own fixed seed
+    text_seed: int = 0
+
+
+def write_toy_folder(out, unet, text_encoder, tokenizer) -> None:
+    """The diffusers layout that sd15.load_sd15 reads: model_index.json (pixel_space: no vae/), scheduler/, tokenizer/,
+    text_encoder/, unet/. Each part is written to a temporary folder and swapped in, so an interrupted save never
+    leaves a half-written part; other contents of `out` (classifier.safetensors, student/) are left alone."""
+    from unet import save_unet
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    index = {"_class_name": "ScottToyPipeline", "pixel_space": True,
+             "_comment": "the scott toy world (toy.py): 32x32 RGB pixel space, no VAE; load with sd15.load_sd15"}
+    scheduler = {"_class_name": "DDPMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                 "beta_end": 0.012, "num_train_timesteps": 1000, "prediction_type": "epsilon"}  # SD1.5's schedule
+    _swap_in(out / "scheduler", lambda d: (d / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2)))
+    _swap_in(out / "tokenizer", lambda d: tokenizer.save_pretrained(str(d)))
+    _swap_in(out / "text_encoder", lambda d: text_encoder.save_pretrained(str(d)))
+    _swap_in(out / "unet", lambda d: save_unet(unet, d))
+    tmp = out / ".model_index.json.tmp"
+    tmp.write_text(json.dumps(index, indent=2))
+    os.replace(tmp, out / "model_index.json")
+
+
+def _swap_in(folder: Path, write) -> None:
+    """Write a folder's contents into a fresh temporary sibling, then replace `folder` with it."""
+    tmp, old = folder.with_name(f".{folder.name}.tmp"), folder.with_name(f".{folder.name}.old")
+    for leftover in (tmp, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    tmp.mkdir()
+    write(tmp)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def train_teacher(cfg: TeacherConfig, out) -> None:
+    """The standard DDPM objective (Ho et al. 2020, eq. 14): E‖ε − ε_θ(√ᾱ_t x0 + √(1 − ᾱ_t) ε, t, c)‖², t uniform in
+    [0, 999] of SD1.5's schedule, c the caption's token features (the empty prompt 10 % of the time). AdamW, EMA of
+    the weights, bf16 autocast on CUDA (fp32 on CPU); the EMA teacher is saved to `out` every `save_every` steps."""
+    from sd15 import encode_prompts
+    from sde_solver import NoiseSchedule
+    from unet import UNet
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    unet_cfg = toy_unet_config()
+    tokenizer, text_encoder = build_tokenizer(), build_text_encoder(unet_cfg.cross_attention_dim, cfg.text_seed)
+    torch.manual_seed(cfg.seed)  # the UNet's initial weights
+    unet = UNet(unet_cfg).to(device).train()
+    ema = UNet(unet_cfg).to(device).eval().requires_grad_(False)
+    ema.load_state_dict(unet.state_dict())
+    text_encoder.to(device)
+    schedule = NoiseSchedule.sd15(device=device)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
+    loader = make_toy_loader(cfg.batch_size, seed=cfg.seed)
+    generator = torch.Generator(device).manual_seed(cfg.seed + 1)  # timesteps, noise, caption dropout
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    n_params = sum(p.numel() for p in unet.parameters())
+    print(f"toy teacher: {n_params / 1e6:.2f}M parameters, device {device}, batch {cfg.batch_size}, "
+          f"{cfg.steps} steps -> {out}", flush=True)
+
+    t0, loss_sum = time.time(), 0.0
+    for step in range(1, cfg.steps + 1):
+        # Linear warm-up, then cosine decay from lr to lr/10.
+        progress = max(0.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+        lr = cfg.lr * min(1.0, step / cfg.warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        batch = next(loader)
+        x0 = batch["image"].to(device)                                            # (B, 3, 32, 32) in [-1, 1]
+        drop = torch.rand(len(x0), generator=generator, device=device) < cfg.caption_dropout
+        captions = ["" if d else c for c, d in zip(batch["caption"], drop.tolist())]
+        with torch.no_grad():
+            context = encode_prompts(tokenizer, text_encoder, captions)           # (B, 16, 64)
+        t = torch.randint(0, schedule.num_timesteps, (len(x0),), generator=generator, device=device)
+        noise = torch.randn(x0.shape, generator=generator, device=device)
+        with autocast:
+            eps = unet(schedule.add_noise(x0, noise, t), t, context)
+        loss = F.mse_loss(eps.float(), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
+        opt.step()
+        # EMA with a warm-up (decay (1 + n)/(10 + n) early on), so early saves are not dominated by the random init.
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for p_ema, p in zip(ema.parameters(), unet.parameters()):
+                p_ema.lerp_(p, 1 - decay)
+        loss_sum += loss.item()
+        if step % cfg.log_every == 0:
+            print(f"step {step}/{cfg.steps} | loss {loss_sum / cfg.log_every:.4f} | lr {lr:.2e} | "
+                  f"{step / (time.time() - t0):.2f} it/s | {(time.time() - t0) / 60:.1f} min", flush=True)
+            loss_sum = 0.0
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            write_toy_folder(out, ema.cpu(), text_encoder.cpu(), tokenizer)
+            ema.to(device), text_encoder.to(device)
+            print(f"saved the EMA teacher to {out} at step {step}", flush=True)
+
+
+# ---- command line -------------------------------------------------------------------------------------------------
+
+def save_image_grid(images: torch.Tensor, path, columns: int = 8) -> None:
+    """Images (N, 3, H, W) in [-1, 1] -> one PNG grid."""
+    from PIL import Image
+    n, _, h, w = images.shape
+    rows = -(-n // columns)
+    grid = torch.zeros(3, rows * h, columns * w)
+    for i, image in enumerate(images):
+        r, c = divmod(i, columns)
+        grid[:, r * h:(r + 1) * h, c * w:(c + 1) * w] = (image.float().clamp(-1, 1) + 1) / 2
+    Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train-teacher", help="train the toy teacher and write the toy model folder")
+    for name, value in asdict(TeacherConfig()).items():
+        train.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    train.add_argument("--out", default=str(Path(__file__).resolve().parent / "toy"))
+    show = sub.add_parser("show", help="write a grid of training images with their captions")
+    show.add_argument("--n", type=int, default=64)
+    show.add_argument("--seed", type=int, default=0)
+    show.add_argument("--out", default="toy_data.png")
+    args = vars(p.parse_args(argv))
+    command, out = args.pop("command"), args.pop("out")
+    if command == "train-teacher":
+        train_teacher(TeacherConfig(**args), out)
+    else:
+        batch = make_toy_batch(args["n"], torch.Generator().manual_seed(args["seed"]))
+        save_image_grid(batch["image"], out)
+        print("\n".join(f"{i}: {c}" for i, c in enumerate(batch["caption"])))
+        print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from consistency import ConsistencyConfig, ema_update, scott_loss
-from data import DataConfig, make_loader
+from data import DataConfig, build_latent_cache, make_loader
 from discriminator import Discriminator, DiscriminatorConfig, d_hinge_loss, g_hinge_loss
 from sd15 import load_sd15
 from sde_solver import NoiseSchedule
@@ -45,6 +45,7 @@ class TrainConfig:
     data: str = ""                # image folder, tar shards or latent cache; "" = the toy world's synthetic data
     out: str = "runs/scott"       # checkpoints, log.jsonl and sample grids go here
     resume: str = ""              # "auto" = the latest checkpoint in --out if there is one; or a checkpoint folder
+    cache_to: str = ""            # encode --data with the model's VAE and text encoder into a latent cache here, exit
     steps: int = 40_000           # total optimisation steps (paper: 40K)
     stop_after: int = 0           # stop (with a checkpoint) after this many steps in this invocation; 0 = never
     global_batch: int = 40        # paper: 40 = 4 GPUs × 10
@@ -232,6 +233,8 @@ def main(argv=None):
         raise SystemExit(f"--global-batch {cfg.global_batch} is not a multiple of micro-batch {cfg.micro_batch} × "
                          f"world size {world}; choose --micro-batch so that it is.")
     accumulation = cfg.global_batch // (cfg.micro_batch * world)
+    if cfg.cache_to:
+        return cache_latents(cfg, data_cfg, model_path, device)
     resume_from = find_resume(cfg)
     start_step = 0 if resume_from is None else torch.load(resume_from / "state.pt", weights_only=True)["step"]
     loader = make_batches(cfg, data_cfg, rank, world, start_batch=start_step * accumulation)
@@ -395,6 +398,18 @@ def main(argv=None):
             break
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def cache_latents(cfg: TrainConfig, data_cfg: DataConfig, model_path, device):
+    """Run the VAE and CLIP over --data once (centre crops, bf16 on GPU) so training reads latents instead."""
+    if not cfg.data:
+        raise SystemExit("--cache-to needs --data (the images to encode).")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    bundle = load_sd15(model_path, tokenizer=cfg.tokenizer or None, device=device, dtype=dtype)
+    with torch.no_grad():
+        manifest = build_latent_cache(data_cfg, lambda images: bundle.vae.encode(images.to(device, dtype)).cpu(),
+                                      lambda captions: bundle.encode_prompts(captions).cpu(), cfg.cache_to)
+    print(f"wrote a latent cache of {manifest.get('count')} samples to {cfg.cache_to}; train with --data {cfg.cache_to}")
 
 
 def make_batches(cfg: TrainConfig, data_cfg: DataConfig, rank, world, start_batch):

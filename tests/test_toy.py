@@ -1,0 +1,186 @@
+"""The toy world: what its generator draws matches its captions, its loader replays exactly, its text side gives each
+caption distinct features, and the shipped teacher (toy/) loads like SD1.5 and samples images."""
+from pathlib import Path
+
+import pytest
+import torch
+
+import toy
+from sd15 import load_sd15
+from sde_solver import NoiseSchedule, sample_teacher
+
+SHIPPED = Path(__file__).resolve().parent.parent / "toy"
+
+
+# ---- prompts ------------------------------------------------------------------------------------------------------
+
+def test_every_prompt_round_trips_and_prompts_are_distinct():
+    prompts = toy.all_prompts()
+    assert len(prompts) == len(set(prompts)) == len(toy.SHAPES) * len(toy.COLOURS) * len(toy.POSITIONS)
+    for p in prompts:
+        assert toy.make_prompt(*toy.parse_prompt(p)) == p
+    assert toy.parse_prompt("A Red Circle on the LEFT") == ("circle", "red", "left")
+    labels = toy.prompts_to_labels(prompts)
+    assert toy.labels_to_prompts(labels) == prompts
+
+
+@pytest.mark.parametrize("bad", ["a purple circle on the left", "a red hexagon on the left", "a red circle",
+                                 "red circle on the left", "a red circle on the middle", ""])
+def test_parse_prompt_rejects_non_toy_captions_with_a_helpful_message(bad):
+    with pytest.raises(ValueError, match="not a toy-world caption.*e.g. 'a red circle on the left'"):
+        toy.parse_prompt(bad)
+
+
+# ---- images -------------------------------------------------------------------------------------------------------
+
+def test_render_is_a_function_of_labels_and_generator_state():
+    labels = toy.sample_labels(16, torch.Generator().manual_seed(0))
+    a = toy.render(labels, torch.Generator().manual_seed(1))
+    b = toy.render(labels, torch.Generator().manual_seed(1))
+    c = toy.render(labels, torch.Generator().manual_seed(2))
+    assert a.shape == (16, 3, 32, 32) and a.dtype == torch.float32
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)  # the jitter is real: same labels, other seed, other pictures
+    assert a.min() >= -1 and a.max() <= 1
+    assert toy.render(labels, torch.Generator().manual_seed(1), size=64).shape == (16, 3, 64, 64)
+
+
+def _foreground(images):
+    """Masks of the shape's pixels (B, H, W) and their mean colour (B, 3) in [0, 1]: the background is dark
+    (every channel ≤ 0.2 by construction), every shape colour has a channel ≥ 0.5."""
+    rgb = (images + 1) / 2
+    mask = rgb.amax(dim=1) > 0.35
+    colour = (rgb * mask[:, None]).sum((2, 3)) / mask.sum((1, 2))[:, None]
+    return mask, colour
+
+
+def test_images_show_the_colour_and_position_of_their_caption():
+    """Read the picture back with plain pixel statistics (no classifier): the shape sits where the caption says and
+    has the caption's colour."""
+    n = 240
+    batch = toy.make_toy_batch(n, torch.Generator().manual_seed(3))
+    mask, colour = _foreground(batch["image"])
+    assert bool((mask.sum((1, 2)) >= 10).all()), "every image has a visible shape"
+    coords = torch.arange(32) + 0.5
+    x = (mask.sum(1) * coords).sum(1) / mask.sum((1, 2)) / 32  # (B,) centroid, fraction of the width
+    y = (mask.sum(2) * coords).sum(1) / mask.sum((1, 2)) / 32
+    for i, caption in enumerate(batch["caption"]):
+        shape, name, position = toy.parse_prompt(caption)
+        r, g, b = colour[i].tolist()
+        assert {"red": r > 2 * g and r > 2 * b, "green": g > 1.5 * r and g > 1.5 * b,
+                "blue": b > 1.5 * r and b > 1.5 * g, "yellow": r > 2 * b and g > 2 * b}[name], (caption, colour[i])
+        assert {"left": x[i] < 0.4, "right": x[i] > 0.6, "top": y[i] < 0.4, "bottom": y[i] > 0.6,
+                "centre": 0.4 < x[i] < 0.6 and 0.4 < y[i] < 0.6}[position], (caption, x[i], y[i])
+    # Labels, captions and images come from one draw: the labels are the captions' attributes.
+    assert torch.equal(batch["labels"], toy.prompts_to_labels(batch["caption"]))
+
+
+def test_shapes_differ_in_how_much_of_their_box_they_fill():
+    """Same place, size and colour draw: a triangle covers less than a circle, which covers less than a square."""
+    areas = {}
+    for shape in toy.SHAPES:
+        images = toy.make_images([shape] * 32, ["red"] * 32, ["centre"] * 32, torch.Generator().manual_seed(4))
+        areas[shape] = _foreground(images)[0].float().sum((1, 2))
+    assert bool((areas["triangle"] < areas["circle"]).all()) and bool((areas["circle"] < areas["square"]).all())
+
+
+def test_make_images_checks_lengths():
+    with pytest.raises(ValueError, match="same length"):
+        toy.make_images(["circle"], ["red", "blue"], ["left"], torch.Generator())
+
+
+# ---- loader -------------------------------------------------------------------------------------------------------
+
+def _take(loader, n):
+    return [next(loader) for _ in range(n)]
+
+
+def test_loader_is_deterministic_resumable_and_disjoint_across_ranks():
+    first = _take(toy.make_toy_loader(4, seed=5), 3)
+    again = _take(toy.make_toy_loader(4, seed=5), 3)
+    for a, b in zip(first, again):
+        assert torch.equal(a["image"], b["image"]) and a["caption"] == b["caption"] and a["skipped"] == 0
+    # A trainer resumed at batch 2 sees exactly what it would have seen.
+    resumed = next(toy.make_toy_loader(4, seed=5, start_batch=2))
+    assert torch.equal(resumed["image"], first[2]["image"]) and resumed["caption"] == first[2]["caption"]
+    # Two ranks never see the same batch (nor does another seed).
+    rank0 = _take(toy.make_toy_loader(4, rank=0, world_size=2, seed=5), 3)
+    rank1 = _take(toy.make_toy_loader(4, rank=1, world_size=2, seed=5), 3)
+    other = _take(toy.make_toy_loader(4, seed=6), 3)
+    images = [b["image"] for b in rank0 + rank1 + other]
+    assert all(not torch.allclose(a, b) for i, a in enumerate(images) for b in images[i + 1:])
+    assert first[0]["image"].shape == (4, 3, 32, 32) and len(first[0]["caption"]) == 4
+
+
+@pytest.mark.parametrize("kwargs", [dict(batch_size=0), dict(batch_size=2, rank=2, world_size=2),
+                                    dict(batch_size=2, start_batch=-1)])
+def test_loader_rejects_bad_arguments(kwargs):
+    with pytest.raises(ValueError, match="make_toy_loader"):
+        next(toy.make_toy_loader(**kwargs))
+
+
+# ---- text side and the model folder --------------------------------------------------------------------------------
+
+def test_tokenizer_is_word_level_lower_case_and_padded():
+    tokenizer = toy.build_tokenizer()
+    vocab = toy.vocabulary()
+    ids = tokenizer(["A RED circle on the left", "a mauve circle", ""], padding="max_length",
+                    max_length=toy.CONTEXT_LENGTH, return_tensors="pt").input_ids
+    assert ids.shape == (3, toy.CONTEXT_LENGTH)
+    assert [vocab[i] for i in ids[0, :6]] == "a red circle on the left".split()
+    assert vocab[ids[1, 1]] == toy.UNK
+    assert bool((ids[2] == vocab.index(toy.PAD)).all()) and bool((ids[0, 6:] == 0).all())
+
+
+def test_text_encoder_gives_every_caption_distinct_features_and_is_reproducible():
+    tokenizer = toy.build_tokenizer()
+    from sd15 import encode_prompts
+    prompts = toy.all_prompts() + [""]
+    features = encode_prompts(tokenizer, toy.build_text_encoder(32, seed=0), prompts)  # (61, 16, 32)
+    assert features.shape == (61, toy.CONTEXT_LENGTH, 32)
+    flat = features.flatten(1)
+    distances = torch.cdist(flat, flat) + torch.eye(61) * 1e9
+    assert distances.min() > 1.0  # no two captions (nor the empty prompt) look alike to the UNet
+    again = encode_prompts(tokenizer, toy.build_text_encoder(32, seed=0), prompts)
+    assert torch.equal(features, again)
+    assert not any(p.requires_grad for p in toy.build_text_encoder(32).parameters())
+
+
+def test_written_folder_loads_with_load_sd15_and_matches_what_was_written(tmp_path):
+    from unet import UNet
+    cfg = toy.toy_unet_config()
+    torch.manual_seed(0)
+    unet = UNet(cfg).eval()
+    tokenizer, text_encoder = toy.build_tokenizer(), toy.build_text_encoder(cfg.cross_attention_dim)
+    (tmp_path / "toy").mkdir()
+    (tmp_path / "toy" / "classifier.safetensors").write_bytes(b"kept")  # other contents survive a save
+    toy.write_toy_folder(tmp_path / "toy", unet, text_encoder, tokenizer)
+    toy.write_toy_folder(tmp_path / "toy", unet, text_encoder, tokenizer)  # a second save replaces the first
+    assert (tmp_path / "toy" / "classifier.safetensors").read_bytes() == b"kept"
+    assert not list((tmp_path / "toy").glob(".*"))  # no temporary folders left behind
+
+    bundle = load_sd15(tmp_path / "toy")
+    prompts = ["a red circle on the left", ""]
+    from sd15 import encode_prompts
+    assert torch.equal(bundle.encode_prompts(prompts), encode_prompts(tokenizer, text_encoder, prompts))
+    assert torch.allclose(bundle.alphas_cumprod, NoiseSchedule.sd15().alphas_cumprod)
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([10, 900])
+    context = bundle.encode_prompts(prompts)
+    with torch.no_grad():
+        assert torch.equal(bundle.unet(x, t, context), unet(x, t, context))
+    assert bundle.vae.spatial_factor == 1  # pixel space
+
+
+def test_shipped_teacher_loads_and_samples_images():
+    """toy/ is part of the repository (regenerate with `python toy.py train-teacher`); it must load like SD1.5."""
+    assert (SHIPPED / "model_index.json").is_file(), f"{SHIPPED} is missing: run `python toy.py train-teacher`"
+    bundle = load_sd15(SHIPPED)
+    assert bundle.unet.config.in_channels == 3 and bundle.unet.config.cross_attention_dim == \
+        bundle.text_encoder.config.hidden_size
+    cond = bundle.encode_prompts(["a red circle on the left", "a blue square at the top"])
+    uncond = bundle.encode_prompts([""])
+    noise = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    images = sample_teacher(bundle.unet, noise, cond, uncond, 3.0, 4, 0.0, NoiseSchedule(bundle.alphas_cumprod))
+    assert images.shape == (2, 3, 32, 32) and bool(torch.isfinite(images).all())
+    total = sum(f.stat().st_size for f in SHIPPED.rglob("*") if f.is_file())
+    assert total < 20e6, f"toy/ holds {total / 1e6:.1f} MB; the shipped weights must stay small"
