@@ -61,8 +61,8 @@ class ConsistencyConfig:
 def boundary_scalings(t: torch.Tensor, timestep_scaling: float = 10.0, sigma_data: float = 0.5):
     """LCM's c_skip, c_out (diffusers LCMScheduler.get_scalings_for_boundary_condition_discrete), float64, (B,):
         c_skip = σ_d² / ((s t)² + σ_d²),   c_out = s t / √((s t)² + σ_d²),   s = timestep_scaling.
-    c_skip(0) = 1 and c_out(0) = 0, so f(x, 0) = x exactly (the consistency models' boundary condition, Song et al.
-    2023 eq. 7). With s = 10, c_skip(19) ≈ 7e-6: away from t = 0, f is the network's x̂0."""
+    c_skip(0) = 1 and c_out(0) = 0, so f(x, 0) = x exactly (the boundary condition of consistency models,
+    Song et al. 2023). With s = 10, c_skip(19) ≈ 7e-6: away from t = 0, f is the network's x̂0."""
     st = t.to(torch.float64) * timestep_scaling
     c_skip = sigma_data ** 2 / (st ** 2 + sigma_data ** 2)
     c_out = st / (st ** 2 + sigma_data ** 2).sqrt()
@@ -89,8 +89,8 @@ def guidance_embedding(w: torch.Tensor, dim: int = 256) -> torch.Tensor:
 
 def consistency_fn(student, x_t: torch.Tensor, t: torch.Tensor, cond, w: torch.Tensor, schedule: NoiseSchedule,
                    cfg: ConsistencyConfig) -> torch.Tensor:
-    """f_θ(x_t, t) = c_skip(t) x_t + c_out(t) x̂0(x_t, ε̂_θ(x_t, t, c, ω)): LCM's parameterisation (LCM eq. 9) of an
-    ε-predicting network, which keeps the teacher's weights meaningful as the student's initialisation."""
+    """f_θ(x_t, t) = c_skip(t) x_t + c_out(t) x̂0(x_t, ε̂_θ(x_t, t, c, ω)): LCM's parameterisation (Luo et al. 2023)
+    of an ε-predicting network, which keeps the teacher's weights meaningful as the student's initialisation."""
     eps = student(x_t, t, cond, w)
     if eps.shape != x_t.shape:
         raise ValueError(f"the student returned shape {tuple(eps.shape)} for input {tuple(x_t.shape)}: it must "
@@ -136,7 +136,7 @@ def distance(a: torch.Tensor, b: torch.Tensor, cfg: ConsistencyConfig) -> torch.
 
 def scott_loss(student, target, teacher, z0: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
                schedule: NoiseSchedule, cfg: ConsistencyConfig, generator: torch.Generator) -> ScottLoss:
-    """One SCott consistency-distillation loss (paper Sec. 3; DESIGN.md "One SCott training step"):
+    """One SCott consistency-distillation loss (PAPER.md "Idea"; DESIGN.md "One SCott training step"):
         z_{t_n} = √ᾱ z0 + √(1 − ᾱ) ε,  t_m = t_n − k,  ω ~ U[w_min, w_max]
         z_{t_m} = teacher SDE t_n -> t_m in h guided DDIM-η sub-steps              (no grad)
         loss    = d(f_θ(z_{t_n}, t_n), stopgrad f_θ⁻(z_{t_m}, t_m))
@@ -173,7 +173,8 @@ def ema_update(target_module: torch.nn.Module, online_module: torch.nn.Module, d
     for name, p_target in target.items():
         p_online = online[name]
         if p_online.shape != p_target.shape:
-            raise ValueError(f"parameter {name}: target shape {tuple(p_target.shape)} vs online {tuple(p_online.shape)}.")
+            raise ValueError(f"parameter {name}: target shape {tuple(p_target.shape)} vs online "
+                             f"{tuple(p_online.shape)}; the target must be a copy of the student.")
         p_target.lerp_(p_online.to(p_target.dtype), 1.0 - decay)
     for (name, b_target), (_, b_online) in zip(target_module.named_buffers(), online_module.named_buffers()):
         b_target.copy_(b_online)
@@ -199,7 +200,7 @@ def consistency_timesteps(steps: int, original_steps: int = 50, num_timesteps: i
 def sample_consistency(student, noise: torch.Tensor, cond, w: torch.Tensor, steps: int, schedule: NoiseSchedule,
                        generator: torch.Generator | None = None, gamma: float | None = None,
                        cfg: ConsistencyConfig | None = None) -> torch.Tensor:
-    """Multi-step consistency sampling (Song et al. 2023 Alg. 1, LCM Alg. 3) from x_{999} = `noise`:
+    """Multi-step consistency sampling (Song et al. 2023 Alg. 1, as LCMScheduler does it) from x_{999} = `noise`:
     at each timestep τ_i the student predicts x̂0 = f_θ(x, τ_i); the last one is returned. In between:
       gamma None (LCM):  x ← √ᾱ_{τ_{i+1}} x̂0 + √(1 − ᾱ_{τ_{i+1}}) z                       (full re-noise)
       gamma γ ∈ [0, 1] (TCD, Zheng et al. 2024, diffusers TCDScheduler): a deterministic DDIM jump from τ_i past

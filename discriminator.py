@@ -48,7 +48,8 @@ class LoRA(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """LoRA adapters for every Linear in `backbone.up_blocks` (attention q/k/v/out, GEGLU feed-forward) + a head."""
+    """LoRA adapters for every Linear in `backbone.up_blocks` (attention q/k/v/out, GEGLU feed-forward, and the
+    ResBlocks' time-embedding projections) + a head."""
 
     def __init__(self, backbone: nn.Module, cfg: DiscriminatorConfig = DiscriminatorConfig()):
         super().__init__()

@@ -19,14 +19,17 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
+from sample import generate  # the project's sampler: teacher DDIM/DDPM + CFG, or a student's consistency steps
+from sd15 import load_sd15
+from sde_solver import NoiseSchedule
 from toy import COLOURS, POSITIONS, SHAPES, all_prompts, make_toy_batch, prompts_to_labels, render
+from unet import load_unet
 
 TOY_DIR = Path(__file__).resolve().parent / "toy"
 CLASSIFIER_PATH = TOY_DIR / "classifier.safetensors"
@@ -108,11 +111,12 @@ def train_classifier(cfg: ClassifierConfig, log_every: int = 100) -> ToyClassifi
 
 
 def save_classifier(model: ToyClassifier, path) -> None:
-    """Weights as safetensors, the config in the file's metadata (one small file, nothing else to keep in sync)."""
+    """Weights as safetensors in float16 (half the bytes in the repository; loaded back as float32), the config in
+    the file's metadata (one small file, nothing else to keep in sync)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp),
+    save_file({k: v.to(torch.float16).contiguous() for k, v in model.state_dict().items()}, str(tmp),
               metadata={"config": json.dumps(asdict(model.config))})
     tmp.replace(path)  # atomic: a reader never sees half a file
 
@@ -129,7 +133,7 @@ def load_classifier(path=CLASSIFIER_PATH) -> ToyClassifier:
         raise ValueError(f"{path}: has no 'config' metadata, so it was not written by evaluate.save_classifier; "
                          f"retrain with `python evaluate.py train-classifier --out {path}`.")
     model = ToyClassifier(ClassifierConfig(**json.loads(meta["config"])))
-    model.load_state_dict(load_file(str(path)), strict=True)
+    model.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()}, strict=True)
     return model.eval().requires_grad_(False)
 
 
@@ -218,11 +222,6 @@ def evaluate_models(model, student=None, steps=(1, 2, 4), teacher_steps=None, sa
     """Sample every toy prompt `n_per_prompt` times with the teacher and/or a student and score them; prints a
     markdown table and returns [(row name, scores)]. The data's own row (fresh synthetic images) comes first: the
     best any model can do at this sample size."""
-    from sample import generate  # the project's sampler (teacher DDIM/DDPM + CFG, or consistency steps)
-    from sd15 import load_sd15
-    from sde_solver import NoiseSchedule
-    from unet import load_unet
-
     classifier = load_classifier()
     prompts = all_prompts()
     bundle = load_sd15(model, device=device)

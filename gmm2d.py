@@ -88,7 +88,8 @@ class GaussianMixture:
         return log_p.log_softmax(1), torch.einsum("kij,bkj->bki", self.eigvecs, y)
 
     def eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
-        """Exact ε(x_t, t | c) = −√(1 − ᾱ) ∇ log p_t(x_t | c), with ∇ log p_t = −Σ_k r_k (ᾱΣ_k + (1−ᾱ)I)⁻¹ (x − √ᾱ μ_k)."""
+        """Exact ε(x_t, t | c) = −√(1 − ᾱ) ∇ log p_t(x_t | c),
+        with ∇ log p_t = −Σ_k r_k (ᾱΣ_k + (1 − ᾱ)I)⁻¹ (x − √ᾱ μ_k)."""
         x = x_t.double()
         ab = schedule.alpha_bar(t, x).view(-1)
         log_r, offsets = self.log_responsibilities(x, ab, cond)
@@ -112,7 +113,7 @@ class MLPStudent(nn.Module):
     """ε̂(x, t, c, ω): the 2-D stand-in for the student UNet. Like LCM's UNet it embeds LCM's w = ω − 1
     (sinusoidal of 1000·w); t gets the usual sinusoidal embedding."""
 
-    def __init__(self, n_classes: int, dim: int = 2, hidden: int = 256, depth: int = 3, t_dim: int = 64,
+    def __init__(self, n_classes: int, dim: int = 2, hidden: int = 128, depth: int = 3, t_dim: int = 64,
                  w_dim: int = 32):
         super().__init__()
         self.t_dim, self.w_dim = t_dim, w_dim
@@ -154,7 +155,9 @@ class ExperimentConfig:
 def methods(cfg: ExperimentConfig):
     """(row name, η, h): vanilla CD, CD with h ODE sub-steps (separates the effect of h from that of noise), SCott."""
     h_max = max(cfg.substeps)
-    rows = [("CD (η=0, h=1)", 0.0, 1)] + ([(f"CD with ODE sub-steps (η=0, h={h_max})", 0.0, h_max)] if h_max > 1 else [])
+    rows = [("CD (η=0, h=1)", 0.0, 1)]
+    if h_max > 1:
+        rows.append((f"CD with ODE sub-steps (η=0, h={h_max})", 0.0, h_max))
     return rows + [(f"SCott η={eta:g}, h={h}", eta, h) for eta in cfg.etas for h in cfg.substeps]
 
 

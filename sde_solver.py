@@ -35,7 +35,8 @@ class NoiseSchedule:
     def sd15(cls, beta_start: float = 0.00085, beta_end: float = 0.012, num_timesteps: int = 1000,
              device=None) -> "NoiseSchedule":
         """SD1.5's training schedule ("scaled_linear"): β_t = linspace(√β_start, √β_end, T)², ᾱ_t = ∏_{s≤t}(1 − β_s)."""
-        betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_timesteps, dtype=torch.float64, device=device) ** 2
+        betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_timesteps, dtype=torch.float64, device=device)
+        betas = betas ** 2
         return cls(torch.cumprod(1 - betas, dim=0))
 
     @property
@@ -149,7 +150,7 @@ def cfg_eps(eps_fn, x: torch.Tensor, t, cond: torch.Tensor, uncond: torch.Tensor
 def teacher_transition(eps_fn, x_tn: torch.Tensor, t_n, t_m, cond: torch.Tensor, uncond: torch.Tensor, w,
                        schedule: NoiseSchedule, eta: float, substeps: int, generator: torch.Generator | None = None,
                        noise: torch.Tensor | None = None, kind: str = "ddim") -> torch.Tensor:
-    """SCott's target solver (paper, Sec. 3): carry x_{t_n} to x_{t_m} in h = `substeps` equal DDIM-η sub-steps,
+    """SCott's target solver (PAPER.md, "Idea"): carry x_{t_n} to x_{t_m} in h = `substeps` equal DDIM-η sub-steps,
     guided ε at every sub-step and fresh noise per sub-step. η = 0, h = 1 is exactly LCM's one-step DDIM target.
     t_n, t_m: ints or per-sample (B,) integer tensors with 0 ≤ t_m < t_n ≤ T−1 and (t_n − t_m) divisible by h.
     Noise: `noise` of shape (h, *x.shape), or drawn from `generator` (one draw of x's shape per sub-step)."""
@@ -198,7 +199,8 @@ def teacher_timesteps(steps: int, num_timesteps: int = 1000, device=None) -> tor
 
 @torch.no_grad()
 def sample_teacher(eps_fn, noise: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, w, steps: int, eta: float,
-                   schedule: NoiseSchedule, generator: torch.Generator | None = None, kind: str = "ddim") -> torch.Tensor:
+                   schedule: NoiseSchedule, generator: torch.Generator | None = None,
+                   kind: str = "ddim") -> torch.Tensor:
     """x0 from pure noise x_{999} = `noise` in `steps` guided DDIM-η steps over trailing timesteps: η = 0 is DDIM,
     η = 1 is ancestral DDPM over the same (skipped) timesteps. With η > 0 one noise draw per step from `generator`."""
     check_eta(eta)
@@ -232,7 +234,8 @@ def check_same_shape(**tensors: torch.Tensor) -> None:
     (name_a, a), *rest = tensors.items()
     for name_b, b in rest:
         if a.shape != b.shape:
-            raise ValueError(f"{name_a} and {name_b} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}.")
+            raise ValueError(f"{name_a} and {name_b} must have the same shape, "
+                             f"got {tuple(a.shape)} and {tuple(b.shape)}.")
 
 
 def check_eta(eta: float) -> None:

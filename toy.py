@@ -11,10 +11,11 @@ Nobody needs to download SD1.5 to watch SCott work: the toy world has the same p
     (sd15.py's IdentityVAE stands in for the VAE), shipped in toy/ in the diffusers layout so `sd15.load_sd15("toy")`
     loads it like SD1.5.
 
-    python toy.py train-teacher --steps 12000 --batch-size 64 --out toy/     # regenerates toy/ (see README)
+    python toy.py train-teacher --steps 6000 --batch-size 32 --out toy/      # regenerates the teacher in toy/
     python toy.py show --out toy_data.png                                     # a grid of training images
 """
 import argparse
+import copy
 import json
 import math
 import os
@@ -26,6 +27,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+
+from sd15 import encode_prompts
+from sde_solver import NoiseSchedule
+from unet import UNet, UNetConfig, save_unet
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = ("red", "green", "blue", "yellow")
@@ -180,8 +187,6 @@ def vocabulary() -> list[str]:
 def build_tokenizer():
     """A word-level tokenizer (lower-cased, split on whitespace and punctuation, unknown words -> <unk>), padded to
     CONTEXT_LENGTH, wrapped as a transformers tokenizer so `save_pretrained` / `AutoTokenizer` handle it like CLIP's."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
     vocab = {word: i for i, word in enumerate(vocabulary())}
     core = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     core.normalizer = normalizers.Lowercase()
@@ -195,7 +200,6 @@ def build_text_encoder(hidden_size: int, seed: int = 0):
     embeddings mixed by random (causal) attention already give each caption a distinct feature sequence, and the
     UNet learns to read them, which is all SD1.5 asks of CLIP. Its width must be the UNet's cross_attention_dim.
     The empty prompt (all <pad>) is the unconditional input of classifier-free guidance."""
-    from transformers import CLIPTextConfig, CLIPTextModel
     config = CLIPTextConfig(vocab_size=len(vocabulary()), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                             num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=CONTEXT_LENGTH,
                             hidden_act="quick_gelu", pad_token_id=0, bos_token_id=0,
@@ -209,8 +213,7 @@ def build_text_encoder(hidden_size: int, seed: int = 0):
 def toy_unet_config():
     """The toy teacher's UNet: four levels 32→16→8→4 px, thin at full resolution (the cost of a CPU step is mostly
     the 32×32 convolutions) and attending to the text only at 8×8 and 4×4, where a token sees the whole image.
-    ~1.7M parameters, ~7 MB in float32."""
-    from unet import UNetConfig
+    ~1.7M parameters, 3.3 MB in float16."""
     return UNetConfig(in_channels=3, out_channels=3, block_channels=(16, 32, 64, 64), layers_per_block=1,
                       attention_levels=(False, False, True, True), num_heads=4, cross_attention_dim=64,
                       norm_groups=8, sample_size=32)
@@ -218,7 +221,7 @@ def toy_unet_config():
 
 @dataclass
 class TeacherConfig:
-    steps: int = 5000
+    steps: int = 6000
     batch_size: int = 32
     lr: float = 1e-3             # peak, after a linear warm-up; cosine decay to lr/10 at `steps`
     warmup: int = 200
@@ -235,7 +238,6 @@ def write_toy_folder(out, unet, text_encoder, tokenizer) -> None:
     """The diffusers layout that sd15.load_sd15 reads: model_index.json (pixel_space: no vae/), scheduler/, tokenizer/,
     text_encoder/, unet/. Each part is written to a temporary folder and swapped in, so an interrupted save never
     leaves a half-written part; other contents of `out` (classifier.safetensors, student/) are left alone."""
-    from unet import save_unet
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     index = {"_class_name": "ScottToyPipeline", "pixel_space": True,
@@ -268,10 +270,6 @@ def train_teacher(cfg: TeacherConfig, out) -> None:
     """The standard DDPM objective (Ho et al. 2020, eq. 14): E‖ε − ε_θ(√ᾱ_t x0 + √(1 − ᾱ_t) ε, t, c)‖², t uniform in
     [0, 999] of SD1.5's schedule, c the caption's token features (the empty prompt 10 % of the time). AdamW, EMA of
     the weights, bf16 autocast on CUDA (fp32 on CPU); the EMA teacher is saved to `out` every `save_every` steps."""
-    from sd15 import encode_prompts
-    from sde_solver import NoiseSchedule
-    from unet import UNet
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     unet_cfg = toy_unet_config()
     tokenizer, text_encoder = build_tokenizer(), build_text_encoder(unet_cfg.cross_attention_dim, cfg.text_seed)
@@ -322,9 +320,11 @@ def train_teacher(cfg: TeacherConfig, out) -> None:
                   f"{step / (time.time() - t0):.2f} it/s | {(time.time() - t0) / 60:.1f} min", flush=True)
             loss_sum = 0.0
         if step % cfg.save_every == 0 or step == cfg.steps:
-            write_toy_folder(out, ema.cpu(), text_encoder.cpu(), tokenizer)
-            ema.to(device), text_encoder.to(device)
-            print(f"saved the EMA teacher to {out} at step {step}", flush=True)
+            # float16 halves the repository's share (loaders cast back to float32); the text encoder is tiny.
+            teacher = copy.deepcopy(ema).to("cpu", torch.float16)
+            write_toy_folder(out, teacher, text_encoder.cpu(), tokenizer)
+            text_encoder.to(device)
+            print(f"saved the EMA teacher (float16) to {out} at step {step}", flush=True)
 
 
 # ---- command line -------------------------------------------------------------------------------------------------

@@ -155,7 +155,8 @@ def test_exact_consistency_function_has_zero_loss(schedule, substeps):
     cfg = ConsistencyConfig(eta=0.0, substeps=substeps, k=240, w_min=1.0, w_max=5.0)  # a long k keeps chains short
     teacher = TinyEps(seed=1).double()
     g = torch.Generator().manual_seed(4)
-    z0, cond = torch.randn(6, 4, 4, 4, dtype=torch.float64, generator=g), torch.randn(6, 3, dtype=torch.float64, generator=g)
+    z0 = torch.randn(6, 4, 4, 4, dtype=torch.float64, generator=g)
+    cond = torch.randn(6, 3, dtype=torch.float64, generator=g)
     uncond = torch.zeros(1, 3, dtype=torch.float64)
     eps_teacher = lambda x, t, c: teacher(x, t, c)  # noqa: E731  (the teacher takes no ω)
     exact = ExactConsistencyStudent(eps_teacher, uncond, schedule, cfg)

@@ -75,13 +75,21 @@ def test_images_show_the_colour_and_position_of_their_caption():
     assert torch.equal(batch["labels"], toy.prompts_to_labels(batch["caption"]))
 
 
-def test_shapes_differ_in_how_much_of_their_box_they_fill():
-    """Same place, size and colour draw: a triangle covers less than a circle, which covers less than a square."""
-    areas = {}
+def test_shapes_are_told_apart_by_how_far_they_reach_for_their_area():
+    """Same place, size and colour draws for each shape: relative to √area, the farthest pixel from the centroid is
+    nearest for a circle (1/√π ≈ 0.56), farther for a square (1/√2 ≈ 0.71), farthest for a triangle (≈ 0.88)."""
+    centres = torch.arange(64) + 0.5  # drawn at 64×64: small shapes at 32×32 are too few pixels to tell apart
+    y, x = torch.meshgrid(centres, centres, indexing="ij")
+    reach = {}
     for shape in toy.SHAPES:
-        images = toy.make_images([shape] * 32, ["red"] * 32, ["centre"] * 32, torch.Generator().manual_seed(4))
-        areas[shape] = _foreground(images)[0].float().sum((1, 2))
-    assert bool((areas["triangle"] < areas["circle"]).all()) and bool((areas["circle"] < areas["square"]).all())
+        images = toy.make_images([shape] * 32, ["red"] * 32, ["centre"] * 32, torch.Generator().manual_seed(4),
+                                 size=64)
+        mask = _foreground(images)[0].float()                                   # (32, 64, 64)
+        area = mask.sum((1, 2))
+        cx, cy = (mask * x).sum((1, 2)) / area, (mask * y).sum((1, 2)) / area
+        distance = ((x - cx[:, None, None]) ** 2 + (y - cy[:, None, None]) ** 2).sqrt()
+        reach[shape] = (distance * mask).amax((1, 2)) / area.sqrt()
+    assert bool((reach["circle"] < reach["square"]).all()) and bool((reach["square"] < reach["triangle"]).all())
 
 
 def test_make_images_checks_lengths():
