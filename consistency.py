@@ -71,9 +71,11 @@ def boundary_scalings(t: torch.Tensor, timestep_scaling: float = 10.0, sigma_dat
 
 def sinusoidal_embedding(x: torch.Tensor, dim: int) -> torch.Tensor:
     """(B,) -> (B, dim): [sin(x f_i), cos(x f_i)], f_i = 10000^{−i/(half−1)}, sin half first (VDM's convention,
-    which LCM's guidance embedding follows); an odd `dim` is zero-padded."""
+    which LCM's guidance embedding follows); an odd `dim` is zero-padded. The frequencies are computed exactly as
+    diffusers' `get_guidance_scale_embedding` does, so the embedding matches it bit for bit."""
     half = dim // 2
-    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=x.device) * -(math.log(10000.0) / (half - 1)))
+    spacing = torch.log(torch.tensor(10000.0)) / (half - 1)
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=x.device) * -spacing.to(x.device))
     angles = x.float()[:, None] * freqs[None, :]  # (B, half)
     emb = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
     return torch.nn.functional.pad(emb, (0, dim % 2))
@@ -81,7 +83,7 @@ def sinusoidal_embedding(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 def guidance_embedding(w: torch.Tensor, dim: int = 256) -> torch.Tensor:
     """LCM's guidance embedding (diffusers get_guidance_scale_embedding): sinusoidal embedding of 1000·w, (B, dim).
-    LCM's own UNets embed its w = ω − 1; which value a student embeds is the student's choice, kept fixed."""
+    LCM's UNets embed its w = ω − 1 (unet.py does the same); what a student embeds is its choice, kept fixed."""
     if w.ndim != 1:
         raise ValueError(f"w must be a (B,) tensor of guidance scales, got shape {tuple(w.shape)}.")
     return sinusoidal_embedding(1000.0 * w, dim)

@@ -2,7 +2,7 @@
 
 Nobody needs to download SD1.5 to watch SCott work: the toy world has the same pieces at laptop size.
   - data: a shape (circle, square, triangle) of a colour (red, green, blue, yellow) at a position (left, right, top,
-    bottom, centre) on a dark, faintly textured background, with random size, exact place, rotation and shade, so the
+    bottom, centre) on a mid-grey, faintly textured background, with random size, exact place, rotation and shade, so the
     distribution has real diversity; captions like "a red circle on the left" (60 prompts in all);
   - text: a word-level tokenizer and a tiny CLIP text encoder (transformers), randomly initialised with a fixed seed
     and frozen. It does not need to understand language: its only job is to turn each caption into a distinct
@@ -48,7 +48,11 @@ POSITION_JITTER = 0.06          # the shape's centre moves up to this far in x a
 RADIUS_RANGE = (0.11, 0.16)     # circle radius; square and triangle are sized to a similar area
 MAX_ROTATION = math.pi / 12     # squares and triangles turn up to ±15°
 SHADE_RANGE = (0.7, 1.0)        # brightness factor of the shape's colour
-BACKGROUND_RANGE = (0.03, 0.12) # dark background grey level, before a faint tint and texture
+# Mid-grey background, before a faint tint and texture. Not dark, on purpose: SD1.5's schedule keeps √ᾱ_999 ≈ 0.07 of
+# the image at t = 999, so a model learns to read the image's mean colour there, and a sampler's pure-noise start
+# (mean 0) then asks for a mean-zero image. SD's latents are near zero-mean; toy images centred on 0 ([-1, 1]) are too.
+# (A dark data set trains fine but samples come out with washed-out, tinted backgrounds.)
+BACKGROUND_RANGE = (0.40, 0.56)
 
 
 # ---- prompts ------------------------------------------------------------------------------------------------------

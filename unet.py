@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 import torch.utils.checkpoint
 
+from consistency import guidance_embedding
 from checkpoint import (LDM_UNET_PREFIX, SUPPORTED, CheckpointError, RenamedWeights, detect_foreign,
                         find_weights_file, load_strict, open_weights, read_config, shape_of)
 
@@ -150,16 +151,6 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     angles = t.float()[:, None] * freqs[None]  # (B, half)
     return torch.cat([angles.cos(), angles.sin()], dim=-1)
-
-
-def guidance_embedding(w: torch.Tensor, dim: int = 256) -> torch.Tensor:
-    """LCM's ω embedding (B,) -> (B, dim): sin half then cos half of 1000·ω, frequencies 10000^(−i/(dim/2 − 1))
-    (VDM's convention; diffusers' LCM pipeline `get_guidance_scale_embedding`), zero-padded to an odd `dim`."""
-    half = dim // 2
-    spacing = torch.log(torch.tensor(10000.0)) / (half - 1)
-    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=w.device) * -spacing.to(w.device))
-    angles = (w * 1000.0).float()[:, None] * freqs[None]  # (B, half)
-    return F.pad(torch.cat([angles.sin(), angles.cos()], dim=-1), (0, dim % 2))
 
 
 def zero_guidance_projection(guidance_embed_dim: int, channels: int) -> nn.Linear:
@@ -402,7 +393,8 @@ class UNet(nn.Module):
                              f"{'missing' if w is None else 'given'}. Make a student with make_student(teacher).")
         t = _per_sample(t, x, "t")
         features = timestep_embedding(t, self.config.block_channels[0]).to(x.dtype)  # (B, C0)
-        guidance = None if w is None else guidance_embedding(_per_sample(w, x, "w"),
+        # A student embeds LCM's w = ω − 1, as diffusers' LCM pipeline does, so a saved student drops into it.
+        guidance = None if w is None else guidance_embedding(_per_sample(w, x, "w") - 1,
                                                              self.config.guidance_embed_dim).to(x.dtype)
         temb = self.time_embedding(features, guidance)  # (B, 4·C0)
 

@@ -46,10 +46,12 @@ def test_render_is_a_function_of_labels_and_generator_state():
 
 
 def _foreground(images):
-    """Masks of the shape's pixels (B, H, W) and their mean colour (B, 3) in [0, 1]: the background is dark
-    (every channel ≤ 0.2 by construction), every shape colour has a channel ≥ 0.5."""
+    """Masks of the shape's pixels (B, H, W) and their mean colour (B, 3) in [0, 1]: pixels far from the
+    background's colour (each image's median; the background is grey within ±0.1, every shape colour is ≥ 0.2 away
+    from any grey in some channel)."""
     rgb = (images + 1) / 2
-    mask = rgb.amax(dim=1) > 0.35
+    background = rgb.flatten(2).median(dim=2).values[:, :, None, None]          # (B, 3, 1, 1)
+    mask = (rgb - background).abs().amax(dim=1) > 0.2
     colour = (rgb * mask[:, None]).sum((2, 3)) / mask.sum((1, 2))[:, None]
     return mask, colour
 
