@@ -141,12 +141,14 @@ def load_classifier(path=CLASSIFIER_PATH) -> ToyClassifier:
 
 @torch.no_grad()
 def _run(classifier: ToyClassifier, images: torch.Tensor, batch_size: int = 256):
-    """(features (N, F) float64, predicted labels (N, 3)) over images in chunks."""
+    """(features (N, F) float64, predicted labels (N, 3)), on the CPU, over images in chunks. Images are clamped to
+    [-1, 1] first: they are scored as they would be saved."""
+    device = next(classifier.parameters()).device
     feats, preds = [], []
-    for chunk in images.float().split(batch_size):
-        h = classifier.features(chunk)
-        feats.append(h.double())
-        preds.append(torch.stack([classifier.heads[a](h).argmax(-1) for a in ATTRIBUTES], dim=1))
+    for chunk in images.float().clamp(-1, 1).split(batch_size):
+        h = classifier.features(chunk.to(device))
+        feats.append(h.double().cpu())
+        preds.append(torch.stack([classifier.heads[a](h).argmax(-1) for a in ATTRIBUTES], dim=1).cpu())
     return torch.cat(feats), torch.cat(preds)
 
 

@@ -240,7 +240,7 @@ def main(argv=None):
     start_step = 0 if resume_from is None else torch.load(resume_from / "state.pt", weights_only=True)["step"]
     loader = make_batches(cfg, data_cfg, rank, world, start_batch=start_step * accumulation)
 
-    torch.manual_seed(cfg.seed + rank)
+    torch.manual_seed(cfg.seed)  # the same on every rank: D's LoRA initialisation must be identical everywhere
     generator = torch.Generator(device).manual_seed(cfg.seed + rank)  # all of SCott's noise goes through it
     frozen_dtype = torch.bfloat16 if cfg.bf16 and device.type == "cuda" else torch.float32
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
@@ -373,16 +373,21 @@ def main(argv=None):
         if cfg.check_sync_every and step % cfg.check_sync_every == 0:
             assert_replicas_in_sync(step, student=student, target=target, **({"discriminator": disc} if disc else {}))
 
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            skipped = torch.tensor(float(counters["skipped_images"]), device=device)
+            if dist.is_initialized():  # every rank reads its own share of the data: report the sum
+                dist.all_reduce(skipped)
         if master and (step % cfg.log_every == 0 or step == cfg.steps):
             dt, t_last = time.time() - t_last, time.time()
             steps_done = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
             per_step = dt / steps_done
             record = {"step": step, "loss_cd": cd_sum.item(), "loss_g": g_sum.item(), "loss_d": d_sum.item(),
                       "lr": cfg.lr * lr_scale, "grad_norm": grad_norm.item(),
-                      "images_per_s": cfg.global_batch / per_step, "eta_s": per_step * (cfg.steps - step), **counters}
+                      "images_per_s": cfg.global_batch / per_step, "eta_s": per_step * (cfg.steps - step),
+                      "skipped_images": int(skipped.item()), "nonfinite_steps": counters["nonfinite_steps"]}
             print(f"step {step}/{cfg.steps} | cd {record['loss_cd']:.5f} | g {record['loss_g']:.3f} | "
                   f"d {record['loss_d']:.3f} | lr {record['lr']:.2e} | gnorm {record['grad_norm']:.3f} | "
-                  f"{record['images_per_s']:.1f} img/s | skipped {counters['skipped_images']} | "
+                  f"{record['images_per_s']:.1f} img/s | skipped {record['skipped_images']} | "
                   f"eta {record['eta_s'] / 60:.1f} min", flush=True)
             with open(out / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")

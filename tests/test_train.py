@@ -48,7 +48,7 @@ def test_torchrun_two_processes(tmp_path, tiny_model, layout):
     data = (write_folder_dataset(tmp_path / "data", n=24, size=40, with_bad=True) if layout == "folder" else
             write_tar_dataset(tmp_path / "data", n_shards=4, per_shard=6, size=40, with_bad=True))
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "train.py"), "--model", str(tiny_model), "--data", str(data), "--out", str(out),
            "--steps", "3", "--check-sync-every", "1", "--num-workers", "0", *TINY_RUN]
     result = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
