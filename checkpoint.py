@@ -1,4 +1,4 @@
-"""Reading weight files safely and loading them strictly.
+"""Reading weight files safely, loading them strictly, and writing files atomically.
 
 Every loader in the project (unet.py, vae.py, sd15.py) goes through this file, so the rules live in one place:
   - `.safetensors` is opened lazily through `safe_open` (memory-mapped): a tensor is read only when asked for.
@@ -10,6 +10,7 @@ Every loader in the project (unet.py, vae.py, sd15.py) goes through this file, s
 Every failure is a `CheckpointError` that names the file, the first offending key, expected vs found, and what to do.
 """
 import json
+import os
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -192,3 +193,15 @@ def load_strict(module: torch.nn.Module, weights: Mapping, source, device="cpu",
         state[k] = t.to(device=device, dtype=dtype if (dtype is not None and t.is_floating_point()) else t.dtype)
     module.load_state_dict(state, strict=True, assign=True)
     return module
+
+
+def atomic_write(path, write) -> None:
+    """write(tmp_path) then rename it over `path`: a reader (or a crash) sees the old file or the whole new one,
+    never half of one. Used for every weight file, config and checkpoint the project writes."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

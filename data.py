@@ -47,6 +47,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from checkpoint import atomic_write
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")   # webdataset's image keys, in order of preference
 MANIFEST = "manifest.json"                    # marks a latent cache folder; written last, so only complete caches
 CACHE_FORMAT = "scott-latent-cache-v1"
@@ -387,7 +389,7 @@ def build_latent_cache(source: DataConfig, encode_images, encode_texts, out_dir,
     def write_shard(n):
         name = f"shard-{len(shards):05d}.safetensors"
         tensors = {key: torch.stack(pending[key][:n]).contiguous() for key in ("latent", "text_embedding")}
-        atomic_write(out / name, lambda tmp: save_file(tensors, tmp, metadata={
+        atomic_write(out / name, lambda tmp: save_file(tensors, str(tmp), metadata={
             "captions": json.dumps(pending["caption"][:n])}))
         shards.append({"file": name, "count": n})
         for key in pending:
@@ -416,12 +418,6 @@ def build_latent_cache(source: DataConfig, encode_images, encode_texts, out_dir,
     atomic_write(out / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
     return manifest
 
-
-def atomic_write(path: Path, write):
-    """write(tmp_name) then rename over `path`: readers see the old file or the whole new one, never half."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(str(tmp))
-    os.replace(tmp, path)
 
 
 class LatentCacheDataset(ReaderStream):

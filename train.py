@@ -15,7 +15,6 @@ bf16 on GPU), which also serves as D's backbone with D's LoRA delta switched on.
 import argparse
 import dataclasses
 import json
-import math
 import os
 import signal
 import sys
@@ -28,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from checkpoint import atomic_write
 from consistency import ConsistencyConfig, ema_update, scott_loss
 from data import DataConfig, build_latent_cache, make_loader
 from discriminator import Discriminator, DiscriminatorConfig, d_hinge_loss, g_hinge_loss
@@ -176,8 +176,7 @@ def save_checkpoint(out: Path, step: int, student, target, disc, opt, d_opt, gen
         if final.exists():  # a re-run of the same step (e.g. a stop right after a periodic checkpoint)
             _remove(final)
         os.replace(tmp, final)
-        (out / "latest.tmp").write_text(final.name)
-        os.replace(out / "latest.tmp", out / "latest")
+        atomic_write(out / "latest", lambda tmp: tmp.write_text(final.name))
         for old in sorted(out.glob("step-*"))[:-keep]:
             _remove(old)
         print(f"saved checkpoint {final}", flush=True)

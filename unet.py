@@ -13,7 +13,6 @@ loads by name and `save_unet` writes a folder diffusers loads unchanged. The ori
 import copy
 import json
 import math
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from safetensors.torch import save_file
 import torch.utils.checkpoint
 
 from consistency import guidance_embedding
-from checkpoint import (LDM_UNET_PREFIX, SUPPORTED, CheckpointError, RenamedWeights, detect_foreign,
+from checkpoint import (LDM_UNET_PREFIX, atomic_write, SUPPORTED, CheckpointError, RenamedWeights, detect_foreign,
                         find_weights_file, load_strict, open_weights, read_config, shape_of)
 
 
@@ -534,19 +533,10 @@ def save_unet(unet: UNet, folder, original_file: str | None = None) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in unet.state_dict().items()}
-    _atomic(folder / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+    atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
     config = json.dumps(unet.config.to_diffusers_config(), indent=2)
-    _atomic(folder / "config.json", lambda tmp: tmp.write_text(config))
+    atomic_write(folder / "config.json", lambda tmp: tmp.write_text(config))
     if original_file is not None:
         ldm = {ours: name for name, ours in ldm_unet_key_map(unet.config).items()}
         original = {LDM_UNET_PREFIX + ldm[k]: v for k, v in state.items()}
-        _atomic(Path(original_file), lambda tmp: save_file(original, str(tmp), metadata={"format": "pt"}))
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        atomic_write(Path(original_file), lambda tmp: save_file(original, str(tmp), metadata={"format": "pt"}))

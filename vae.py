@@ -11,7 +11,6 @@ diffusers `vae/` folder loads by name; an original single file goes through `ldm
 the config (REFERENCES.md C). Loading builds the model on the meta device and fills it with checkpoint.load_strict.
 """
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from checkpoint import (LDM_VAE_PREFIX, SUPPORTED, CheckpointError, RenamedWeights, detect_foreign,
+from checkpoint import (LDM_VAE_PREFIX, atomic_write, SUPPORTED, CheckpointError, RenamedWeights, detect_foreign,
                         find_weights_file, load_strict, open_weights, read_config)
 
 
@@ -376,8 +375,8 @@ def save_vae(vae: VAE, folder) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().contiguous().cpu() for k, v in vae.state_dict().items()}
-    save_file(weights, str(folder / "diffusion_pytorch_model.safetensors.tmp"), metadata={"format": "pt"})
-    os.replace(folder / "diffusion_pytorch_model.safetensors.tmp", folder / "diffusion_pytorch_model.safetensors")
-    (folder / "config.json.tmp").write_text(json.dumps(vae.config.to_diffusers_config(), indent=2))
-    os.replace(folder / "config.json.tmp", folder / "config.json")
+    atomic_write(folder / "diffusion_pytorch_model.safetensors",
+                 lambda tmp: save_file(weights, str(tmp), metadata={"format": "pt"}))
+    config = json.dumps(vae.config.to_diffusers_config(), indent=2)
+    atomic_write(folder / "config.json", lambda tmp: tmp.write_text(config))
     return folder

@@ -1,21 +1,10 @@
 """gmm2d.py: the mixture's closed-form ε is the true −√(1 − ᾱ) ∇log p_t, its sampler is right, and the experiment
 runs end to end through the trainer's own loss and sampler."""
-import pytest
 import torch
 
 import gmm2d
 from gmm2d import ExperimentConfig, GaussianMixture, MLPStudent, sliced_wasserstein
 from sde_solver import NoiseSchedule
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: a second intra-op thread only adds synchronisation, and on a busy 2-core machine it
-    stalls every op. One thread for this module's tests, then back."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def autograd_eps(mixture, x, t, cond, schedule):

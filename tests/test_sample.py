@@ -3,7 +3,6 @@ baseline, PNG metadata, and clear errors for a missing or mismatched student."""
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 import sample

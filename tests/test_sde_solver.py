@@ -11,16 +11,6 @@ from sde_solver import (NoiseSchedule, cfg_eps, ddim_eta_step, sample_teacher, t
 SD15 = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: a second intra-op thread only adds synchronisation, and on a busy 2-core machine it
-    stalls every op. One thread for this module's tests, then back."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def schedule():
     return NoiseSchedule.sd15()
