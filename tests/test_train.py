@@ -51,7 +51,11 @@ def test_torchrun_two_processes(tmp_path, tiny_model, layout):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "train.py"), "--model", str(tiny_model), "--data", str(data), "--out", str(out),
            "--steps", "3", "--check-sync-every", "1", "--num-workers", "0", *TINY_RUN]
-    result = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
+    try:
+        result = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired as e:  # show where it stopped
+        raise AssertionError(f"torchrun timed out; stdout tail:\n{(e.stdout or b'')[-3000:]!r}\n"
+                             f"stderr tail:\n{(e.stderr or b'')[-3000:]!r}") from None
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     log = read_log(out)
     assert [r["step"] for r in log] == [1, 2, 3]
