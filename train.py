@@ -290,8 +290,9 @@ def main(argv=None):
     if master:
         out.mkdir(parents=True, exist_ok=True)
         n_params = sum(p.numel() for p in student.parameters())
-        print(f"model {model_path} ({'toy world' if is_pixel_space(model_path) else 'SD1.5'}), student {n_params / 1e6:.1f}M params, "
-              f"device {device}, world {world}, bf16 {cfg.bf16}")
+        kind = "toy world" if is_pixel_space(model_path) else "SD1.5"
+        print(f"model {model_path} ({kind}), student {n_params / 1e6:.1f}M params, device {device}, world {world}, "
+              f"bf16 {cfg.bf16}")
         print(f"global batch {cfg.global_batch} = micro-batch {cfg.micro_batch} × accumulation {accumulation} × "
               f"world {world}; steps {start_step} -> {cfg.steps}")
         if disc:
