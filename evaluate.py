@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from checkpoint import atomic_write
 from sample import generate  # the project's sampler: teacher DDIM/DDPM + CFG, or a student's consistency steps
 from sd15 import load_sd15
 from sde_solver import NoiseSchedule
@@ -115,10 +116,8 @@ def save_classifier(model: ToyClassifier, path) -> None:
     the file's metadata (one small file, nothing else to keep in sync)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.to(torch.float16).contiguous() for k, v in model.state_dict().items()}, str(tmp),
-              metadata={"config": json.dumps(asdict(model.config))})
-    tmp.replace(path)  # atomic: a reader never sees half a file
+    state = {k: v.to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={"config": json.dumps(asdict(model.config))}))
 
 
 def load_classifier(path=CLASSIFIER_PATH) -> ToyClassifier:

@@ -128,8 +128,8 @@ def main(argv=None):
         if not unet.config.guidance_embed_dim:
             p.error(f"--student {student}: this UNet has no guidance (ω) input, so it is not a distilled student")
     print(f"load {tick():.2f}s")
-    size = 32 if toy else 512
-    guidance = args.guidance if args.guidance is not None else (3.0 if toy else 7.5)
+    size = bundle.unet.config.sample_size * bundle.vae.spatial_factor  # the resolution the model was trained at
+    guidance = args.guidance if args.guidance is not None else (3.0 if bundle.vae.spatial_factor == 1 else 7.5)
     timings = {}
     with torch.no_grad():
         images = generate(bundle, unet, NoiseSchedule(bundle.alphas_cumprod.to(device)), prompts, steps, guidance,
