@@ -216,13 +216,6 @@ def build_text_encoder(hidden_size: int, seed: int = 0):
 
 # ---- the teacher: a small pixel-space UNet trained with the ε-prediction loss ----------------------------------
 
-def toy_unet_config():
-    """The toy teacher's UNet: four levels 32→16→8→4 px, thin at full resolution (the cost of a CPU step is mostly
-    the 32×32 convolutions) and attending to the text only at 8×8 and 4×4, where a token sees the whole image.
-    ~1.7M parameters, 3.3 MB in float16."""
-    return UNetConfig(in_channels=3, out_channels=3, block_channels=(16, 32, 64, 64), layers_per_block=1,
-                      attention_levels=(False, False, True, True), num_heads=4, cross_attention_dim=64,
-                      norm_groups=8, sample_size=32)
 
 
 @dataclass
@@ -283,7 +276,7 @@ def train_teacher(cfg: TeacherConfig, out) -> None:
     sample got a random, strongly tinted background. The offset makes the mean a real part of ε to predict (with it:
     mean(ε̂) ≈ 0.99 · mean(x_t) after 6000 steps, and grey backgrounds)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    unet_cfg = toy_unet_config()
+    unet_cfg = UNetConfig.toy()
     tokenizer, text_encoder = build_tokenizer(), build_text_encoder(unet_cfg.cross_attention_dim, cfg.text_seed)
     torch.manual_seed(cfg.seed)  # the UNet's initial weights
     unet = UNet(unet_cfg).to(device).train()

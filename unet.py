@@ -63,11 +63,12 @@ class UNetConfig:
 
     @classmethod
     def toy(cls):
-        """A small pixel-space teacher for the 32×32 RGB toy world (~1.7M parameters): small enough that teacher
-        training and distillation runs fit in minutes on a 2-core CPU."""
-        return cls(in_channels=3, out_channels=3, block_channels=(32, 64, 64), layers_per_block=1,
-                   attention_levels=(False, True, True), num_heads=4, norm_groups=16, cross_attention_dim=128,
-                   sample_size=32)
+        """The pixel-space teacher of the 32×32 RGB toy world (toy.py): four levels 32→16→8→4 px, thin at full
+        resolution (a CPU step's cost is mostly the 32×32 convolutions), text attention only at 8×8 and 4×4.
+        ~1.7M parameters, so teacher training and distillation fit in minutes on a 2-core CPU."""
+        return cls(in_channels=3, out_channels=3, block_channels=(16, 32, 64, 64), layers_per_block=1,
+                   attention_levels=(False, False, True, True), num_heads=4, cross_attention_dim=64,
+                   norm_groups=8, sample_size=32)
 
     def to_diffusers_config(self) -> dict:
         """The config.json of diffusers' UNet2DConditionModel for this architecture."""

@@ -159,7 +159,7 @@ def test_text_encoder_gives_every_caption_distinct_features_and_is_reproducible(
 
 def test_written_folder_loads_with_load_sd15_and_matches_what_was_written(tmp_path):
     from unet import UNet
-    cfg = toy.toy_unet_config()
+    cfg = toy.UNetConfig.toy()
     torch.manual_seed(0)
     unet = UNet(cfg).eval()
     tokenizer, text_encoder = toy.build_tokenizer(), toy.build_text_encoder(cfg.cross_attention_dim)
