@@ -11,6 +11,7 @@ compare distributions (an FID with this classifier in place of Inception):
     python evaluate.py train-classifier                       # ~2 min on CPU -> toy/classifier.safetensors
     python evaluate.py --model toy/ --teacher-steps 50 --sampler ddim               # the teacher's row
     python evaluate.py --model toy/ --student toy/student --steps 1 2 4              # the student's rows
+    python toy_table.py                       # the README's table: distils under each setting, scores with this file
 """
 import argparse
 import json
@@ -277,12 +278,15 @@ def main(argv=None):
     p.add_argument("--guidance", type=float, default=3.0, help="ω, classifier-free guidance scale")
     p.add_argument("--n-per-prompt", type=int, default=8, help="samples per toy prompt (60 prompts)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default="", help="also write the rows here as JSON ([[name, scores], ...])")
     args = p.parse_args(argv)
     if not args.student and not args.teacher_steps:
         p.error("nothing to evaluate: pass --teacher-steps N and/or --student FOLDER")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    evaluate_models(args.model, args.student or None, args.steps, args.teacher_steps, args.sampler, args.guidance,
-                    args.n_per_prompt, args.seed, device)
+    rows = evaluate_models(args.model, args.student or None, args.steps, args.teacher_steps, args.sampler,
+                           args.guidance, args.n_per_prompt, args.seed, device)
+    if args.json:
+        atomic_write(Path(args.json), lambda tmp: tmp.write_text(json.dumps(rows, indent=1)))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import torch
 
 import evaluate
 import toy
+import toy_table
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +121,19 @@ def test_train_save_load_round_trip(tmp_path):
     assert not torch.equal(loaded.features(images), evaluate.ToyClassifier(cfg).features(images))
 
 
-def test_command_line_scores_the_shipped_teacher(capsys):
-    """The command the README table comes from, at its smallest: the data row and a 2-step teacher row."""
-    evaluate.main(["--teacher-steps", "2", "--n-per-prompt", "1"])
+def test_command_line_scores_the_shipped_models(tmp_path, capsys):
+    """The commands the README table comes from, at their smallest: the data row, a 2-step teacher row and a 1-step
+    student row, printed and written as JSON; toy_table.py reads that JSON back into its table."""
+    for who, flags in {"teacher": ["--teacher-steps", "2"], "student": ["--student", "toy/student", "--steps", "1"]}.items():
+        (tmp_path / who).mkdir()
+        evaluate.main([*flags, "--n-per-prompt", "1", "--json", str(tmp_path / who / "scores.json")])
     out = capsys.readouterr().out
-    assert "| data (fresh synthetic)" in out and "| teacher ddim 2 steps" in out
+    assert "| data (fresh synthetic)" in out and "| teacher ddim 2 steps" in out and "| student 1 step(s)" in out
+    teacher, data = toy_table.score_teacher(tmp_path / "teacher", threads=1)  # reads the JSON, runs nothing
+    student = toy_table.train_and_score(tmp_path / "student", "", steps=1, seed=0, threads=1)
+    assert data["acc_all"] == 1.0 and set(teacher) == {2} and set(student) == {1}
+    for scores in (teacher[2], student[1]):
+        assert set(scores) == {"acc_shape", "acc_colour", "acc_position", "acc_all", "fd"}
+        assert 0 <= scores["acc_all"] <= 1 and scores["fd"] > data["fd"]
+    row = toy_table.table_row("x", [{n: student[1] for n in toy_table.STUDENT_STEPS}] * 2)
+    assert row.startswith("| x | 2 | ") and row.count(" ± 0.0") == 6

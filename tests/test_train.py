@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import sample
 import train
 from datasets import write_folder_dataset, write_tar_dataset
 from tiny_models import write_tiny_sd15
@@ -42,21 +43,27 @@ def weights(folder):
     return load_file(str(folder / "diffusion_pytorch_model.safetensors"))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("layout", ["folder", "tar"])
-def test_torchrun_two_processes(tmp_path, tiny_model, layout):
-    data = (write_folder_dataset(tmp_path / "data", n=24, size=40, with_bad=True) if layout == "folder" else
-            write_tar_dataset(tmp_path / "data", n_shards=4, per_shard=6, size=40, with_bad=True))
-    out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "train.py"), "--model", str(tiny_model), "--data", str(data), "--out", str(out),
-           "--steps", "3", "--check-sync-every", "1", "--num-workers", "0", *TINY_RUN]
+def torchrun_two_processes(*args) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node=2 train.py ARGS` on CPU (gloo); fails the test with the output's tail."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
+           *args]
     try:
         result = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
     except subprocess.TimeoutExpired as e:  # show where it stopped
         raise AssertionError(f"torchrun timed out; stdout tail:\n{(e.stdout or b'')[-3000:]!r}\n"
                              f"stderr tail:\n{(e.stderr or b'')[-3000:]!r}") from None
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["folder", "tar"])
+def test_torchrun_two_processes(tmp_path, tiny_model, layout):
+    data = (write_folder_dataset(tmp_path / "data", n=24, size=40, with_bad=True) if layout == "folder" else
+            write_tar_dataset(tmp_path / "data", n_shards=4, per_shard=6, size=40, with_bad=True))
+    out = tmp_path / "run"
+    result = torchrun_two_processes("--model", str(tiny_model), "--data", str(data), "--out", str(out), "--steps", "3",
+                                    "--check-sync-every", "1", "--num-workers", "0", *TINY_RUN)
     log = read_log(out)
     assert [r["step"] for r in log] == [1, 2, 3]
     assert all(torch.isfinite(torch.tensor([r["loss_cd"], r["loss_g"], r["loss_d"]])).all() for r in log)
@@ -67,6 +74,24 @@ def test_torchrun_two_processes(tmp_path, tiny_model, layout):
     assert "global batch 4 = micro-batch 2 × accumulation 1 × world 2" in result.stdout
     # every rank held identical weights after every step, or --check-sync-every 1 would have failed the run
 
+
+
+@pytest.mark.slow
+def test_torchrun_with_no_model_distils_the_shipped_toy_teacher(tmp_path):
+    """The README's `torchrun --nproc_per_node=2 train.py` with a step limit: no --model, no --data, so the shipped
+    toy teacher (toy/), its synthetic data and the toy defaults; the student it writes samples with sample.py."""
+    out = tmp_path / "run"
+    result = torchrun_two_processes("--out", str(out), "--steps", "2", "--log-every", "1", "--sample-every", "0",
+                                    "--check-sync-every", "1")
+    assert "(toy world)" in result.stdout and "w∈[2.0, 6.0]" in result.stdout  # the toy defaults were applied
+    assert "global batch 16 = micro-batch 8 × accumulation 1 × world 2" in result.stdout
+    assert [r["step"] for r in read_log(out)] == [1, 2]
+    student = out / (out / "latest").read_text() / "student"
+    trained, teacher = weights(student), weights(train.TOY_MODEL / "unet")  # the teacher is stored in float16
+    assert any(not torch.equal(trained[k], teacher[k].float()) for k in teacher)  # the student trained
+    sample.main(["--student", str(student), "--prompt", "a red circle on the left", "--steps", "1",
+                 "--out", str(tmp_path / "s.png")])
+    assert (tmp_path / "s.png").is_file()
 
 def test_resume_is_bit_exact(tmp_path, tiny_model):
     data = write_folder_dataset(tmp_path / "data", n=16, size=40)
