@@ -415,9 +415,8 @@ def build_latent_cache(source: DataConfig, encode_images, encode_texts, out_dir,
         write_shard(len(pending["caption"]))
     manifest = {"format": CACHE_FORMAT, "resolution": cfg.resolution, "count": sum(s["count"] for s in shards),
                 "skipped": skips.count, "source": str(cfg.path), "shards": shards}
-    atomic_write(out / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
+    atomic_write(out / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
     return manifest
-
 
 
 class LatentCacheDataset(ReaderStream):

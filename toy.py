@@ -216,8 +216,6 @@ def build_text_encoder(hidden_size: int, seed: int = 0):
 
 # ---- the teacher: a small pixel-space UNet trained with the ε-prediction loss ----------------------------------
 
-
-
 @dataclass
 class TeacherConfig:
     steps: int = 6000

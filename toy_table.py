@@ -49,32 +49,34 @@ def run(command: list[str], log: Path, threads: int) -> None:
                            + "".join(log.read_text().splitlines(keepends=True)[-20:]))
 
 
-def train_and_score(folder: Path, flags: str, steps: int, seed: int, threads: int) -> dict:
-    """Distil (unless a finished run is there), then score the final student; returns {steps: scores}."""
+def score(folder: Path, evaluate_flags: list[str], threads: int) -> tuple[dict, dict]:
+    """`python evaluate.py FLAGS --json folder/scores.json` unless that file is there; returns ({steps: scores},
+    the data's own row). Rows are keyed by the step count in their name ("student 2 step(s) ...", "teacher ddim 50
+    steps ..."), so a scores file always reads as what it holds."""
     scores_file = folder / "scores.json"
     if not scores_file.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
+        run([sys.executable, "evaluate.py", *evaluate_flags, "--json", str(scores_file)], folder / "eval.log", threads)
+    (_, data), *rows = json.loads(scores_file.read_text())
+    return {next(int(w) for w in name.split() if w.isdigit()): scores for name, scores in rows}, data
+
+
+def train_and_score(folder: Path, flags: str, steps: int, seed: int, threads: int) -> dict:
+    """Distil (unless this run was already scored), then score the final student; returns {steps: scores}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "scores.json").is_file():
         t0 = time.time()
         run([sys.executable, "train.py", "--out", str(folder), "--steps", str(steps), "--seed", str(seed),
              "--resume", "auto", "--sample-every", "0", "--ckpt-every", "100", *flags.split()],
             folder / "train.log", threads)
         (folder / "train_seconds.txt").write_text(f"{time.time() - t0:.0f}\n")
-        student = folder / f"step-{steps:07d}" / "student"
-        run([sys.executable, "evaluate.py", "--student", str(student), "--steps", *map(str, STUDENT_STEPS),
-             "--json", str(scores_file)], folder / "eval.log", threads)
-    rows = json.loads(scores_file.read_text())
-    return {int(name.split()[1]): scores for name, scores in rows[1:]}  # rows[0] is the data's own row
+    student = folder / f"step-{steps:07d}" / "student"
+    return score(folder, ["--student", str(student), "--steps", *map(str, STUDENT_STEPS)], threads)[0]
 
 
 def score_teacher(folder: Path, threads: int) -> tuple[dict, dict]:
     """The undistilled teacher with DDIM: ({steps: scores}, the data's own row)."""
-    scores_file = folder / "scores.json"
-    if not scores_file.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        run([sys.executable, "evaluate.py", "--teacher-steps", *map(str, TEACHER_STEPS), "--json", str(scores_file)],
-            folder / "eval.log", threads)
-    rows = json.loads(scores_file.read_text())
-    return {int(name.split()[2]): scores for name, scores in rows[1:]}, rows[0][1]
+    folder.mkdir(parents=True, exist_ok=True)
+    return score(folder, ["--teacher-steps", *map(str, TEACHER_STEPS)], threads)
 
 
 def mean_std(values: list[float], digits: int) -> str:

@@ -49,7 +49,7 @@ class TrainConfig:
     steps: int = 40_000           # total optimisation steps (paper: 40K)
     stop_after: int = 0           # stop (with a checkpoint) after this many steps in this invocation; 0 = never
     global_batch: int = 40        # paper: 40 = 4 GPUs × 10
-    micro_batch: int = 10         # per GPU per forward; accumulation = global / (micro × world size)
+    micro_batch: int = 10         # per GPU per forward; accumulation = global / (micro × world); 0 = global / world
     lr: float = 8e-6              # student (paper)
     d_lr: float = 2e-5            # discriminator (paper)
     warmup: int = 100             # linear learning-rate warm-up steps, then constant
@@ -72,9 +72,10 @@ class TrainConfig:
 # The toy world (toy/, or any pixel-space model): what changes unless set explicitly on the command line. A 1.7M-
 # parameter UNet learns faster than SD1.5's at the paper's learning rates, and a rank-128 LoRA would be most of it.
 # No adversarial term: on the toy it cost quality at 2 and 4 steps at every weight tried (README, "The toy world").
-# The micro-batch is the global batch over the world size (no accumulation), so any `torchrun` of 1, 2, 4... works.
-TOY_DEFAULTS = dict(steps=400, global_batch=16, lr=1e-4, d_lr=1e-4, warmup=20, adv_weight=0.0, ckpt_every=200,
-                    sample_every=200, log_every=20, resolution=32, lora_rank=4, lora_alpha=4.0, w_min=2.0, w_max=6.0)
+# Micro-batch 0: the global batch split over the ranks (no accumulation), so any `torchrun` of 1, 2, 4... works.
+TOY_DEFAULTS = dict(steps=400, global_batch=16, micro_batch=0, lr=1e-4, d_lr=1e-4, warmup=20, adv_weight=0.0,
+                    ckpt_every=200, sample_every=200, log_every=20, resolution=32, lora_rank=4, lora_alpha=4.0,
+                    w_min=2.0, w_max=6.0)
 SAMPLE_PROMPTS = {"toy": ["a red circle on the left", "a blue square at the top", "a green triangle on the right"],
                   "sd15": ["a photo of an astronaut riding a horse on the moon", "a watercolor painting of a fox",
                            "a bowl of ramen, studio lighting, 85mm"]}
@@ -102,8 +103,6 @@ def parse_args(argv=None):
     explicit = {k for k, v in args.items() if v is not None}
     if is_pixel_space(Path(args["model"]) if args["model"] else TOY_MODEL):
         args.update({k: v for k, v in TOY_DEFAULTS.items() if k not in explicit})
-        if "micro_batch" not in explicit:
-            args["micro_batch"] = max(1, args["global_batch"] // int(os.environ.get("WORLD_SIZE", "1")))
     build = lambda cls, **extra: cls(**{f.name: args[f.name] for f in dataclasses.fields(cls)  # noqa: E731
                                         if args.get(f.name) is not None}, **extra)
     return (build(TrainConfig), build(ConsistencyConfig), build(DiscriminatorConfig),
@@ -233,6 +232,8 @@ def main(argv=None):
     model_path = Path(cfg.model) if cfg.model else TOY_MODEL
     if not model_path.exists():
         raise SystemExit(f"--model {model_path}: no such file or folder (an SD1.5 diffusers folder or single file).")
+    if cfg.micro_batch == 0:  # no accumulation: each rank takes an equal share of the global batch
+        cfg = dataclasses.replace(cfg, micro_batch=max(1, cfg.global_batch // world))
     if cfg.global_batch % (cfg.micro_batch * world):
         raise SystemExit(f"--global-batch {cfg.global_batch} is not a multiple of micro-batch {cfg.micro_batch} × "
                          f"world size {world}; choose --micro-batch so that it is.")

@@ -75,7 +75,6 @@ def test_torchrun_two_processes(tmp_path, tiny_model, layout):
     # every rank held identical weights after every step, or --check-sync-every 1 would have failed the run
 
 
-
 @pytest.mark.slow
 def test_torchrun_with_no_model_distils_the_shipped_toy_teacher(tmp_path):
     """The README's `torchrun --nproc_per_node=2 train.py` with a step limit: no --model, no --data, so the shipped
@@ -92,6 +91,7 @@ def test_torchrun_with_no_model_distils_the_shipped_toy_teacher(tmp_path):
     sample.main(["--student", str(student), "--prompt", "a red circle on the left", "--steps", "1",
                  "--out", str(tmp_path / "s.png")])
     assert (tmp_path / "s.png").is_file()
+
 
 def test_resume_is_bit_exact(tmp_path, tiny_model):
     data = write_folder_dataset(tmp_path / "data", n=16, size=40)
