@@ -1,12 +1,13 @@
 """SCott's latent discriminator: the frozen pretrained UNet with trainable LoRA adapters in its decoder.
 
-Paper (as summarised in PAPER.md): D is initialised from the pretrained SD1.5 UNet; only LoRA weights in the UNet
-decoder are trained (≈3.6 % of the parameters); it is conditioned on the timestep and the text; real = the data
+Paper (Liu et al. 2024; docs/paper.md): D is initialised from the pretrained SD1.5 UNet; only LoRA weights in the
+UNet decoder are trained (≈3.6 % of the parameters); it is conditioned on the timestep and the text; real = the data
 latent z0, fake = the student's prediction ẑ0; hinge loss. Open choices, and ours:
   - where the logit comes from: a small trainable head on the last decoder feature map, one logit per latent
-    location (PCM-style patch logits, A2 in REFERENCES.md);
-  - the timestep: clean inputs are scored at t = 0 (DMD2's clean option); `renoise=True` instead noises real and
-    fake to one shared random t with shared noise (LADD/DMD2's "diffusion GAN"), a config switch;
+    location (PCM-style patch logits, Wang et al. 2024);
+  - the timestep: clean inputs are scored at t = 0 (DMD2's clean option); `renoise=True` makes the trainer noise real
+    and fake to one shared random t with shared noise first (LADD/DMD2's "diffusion GAN"), a config switch. D itself
+    scores whatever latent it is given at the timestep it is given: `D(backbone, x_t, t, context)`;
   - rank: `lora_rank` (the default puts the trainable fraction near the paper's 3.6 % on SD1.5).
 
 Memory: D holds no second UNet. The LoRA delta is added by forward hooks on the teacher's own decoder Linear layers
@@ -29,7 +30,8 @@ import torch.nn.functional as F
 class DiscriminatorConfig:
     lora_rank: int = 128        # rank of every decoder adapter; see trainable_fraction() for what it amounts to
     lora_alpha: float = 128.0   # delta scale = alpha / rank (1.0 by default)
-    renoise: bool = False       # False: score clean latents at t = 0 (paper: real z0 vs fake ẑ0)
+    renoise: bool = False       # False: the trainer shows D clean latents at t = 0 (paper: real z0 vs fake ẑ0);
+                                # True: real and fake noised to one shared random t with shared noise
 
 
 class LoRA(nn.Module):
@@ -85,18 +87,12 @@ class Discriminator(nn.Module):
         lora = self.lora[name.replace(".", "__")]
         return lambda module, inputs, out: out + lora(inputs[0]).to(out.dtype)
 
-    def forward(self, backbone, x0: torch.Tensor, context: torch.Tensor, t: torch.Tensor | None = None,
-                noise: torch.Tensor | None = None, alphas_cumprod: torch.Tensor | None = None) -> torch.Tensor:
-        """Patch logits (B, 1, h, w) for latents x0 (B, 4, h, w). With `renoise`, x0 is first noised to `t` with
-        `noise` (both shared by real and fake: the caller passes the same ones); otherwise scored at t = 0."""
-        if self.cfg.renoise:
-            ab = alphas_cumprod.to(x0.device)[t].view(-1, 1, 1, 1).to(x0.dtype)
-            x, t_in = ab.sqrt() * x0 + (1 - ab).sqrt() * noise, t
-        else:
-            x, t_in = x0, torch.zeros(x0.shape[0], dtype=torch.long, device=x0.device)
+    def forward(self, backbone, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """Patch logits (B, 1, h, w) for latents x_t (B, 4, h, w) at timesteps t (B,): the backbone's decoder with
+        the LoRA delta on, read by the head. The caller chooses what x_t is (train.discriminator_view)."""
         features = []
         with self.active(backbone, features):
-            backbone(x, t_in, context)  # its ε output is not used: the head reads the decoder's last features
+            backbone(x_t, t, context)  # its ε output is not used: the head reads the decoder's last features
         return self.head(features[-1])
 
     def trainable_fraction(self, backbone) -> float:

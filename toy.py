@@ -178,6 +178,28 @@ def make_toy_loader(batch_size: int, rank: int = 0, world_size: int = 1, start_b
         index += 1
 
 
+# ---- the toy world as train.py's target -----------------------------------------------------------------------
+
+TOY_FOLDER = Path(__file__).resolve().parent / "toy"  # the shipped teacher (and a distilled student/) in SD's layout
+
+# What train.py changes when the model is the toy, unless the flag is given on the command line (printed at start-up
+# and shown in `train.py --help`). A 1.7M-parameter UNet learns faster than SD1.5's at the paper's learning rates,
+# and a rank-128 LoRA would be most of it. No adversarial term: on the toy it cost quality at 2 and 4 steps at every
+# weight tried (README, "The toy world"). Micro-batch 0 = the global batch split over the ranks, so a `torchrun` of
+# any size works.
+TRAINING_OVERRIDES = dict(steps=400, global_batch=16, micro_batch=0, lr=1e-4, d_lr=1e-4, warmup=20, adv_weight=0.0,
+                          ckpt_every=200, sample_every=200, log_every=20, resolution=32, lora_rank=4, lora_alpha=4.0,
+                          w_min=2.0, w_max=6.0)
+SAMPLE_PROMPTS = ["a red circle on the left", "a blue square at the top", "a green triangle on the right"]
+
+
+def is_toy_model(model_path) -> bool:
+    """True for a pixel-space model folder (its model_index.json says `"pixel_space": true`), as the toy's is; an
+    SD1.5 folder or single file never is."""
+    index = Path(model_path) / "model_index.json"
+    return index.is_file() and json.loads(index.read_text()).get("pixel_space", False) is True
+
+
 # ---- text: word-level tokenizer and a tiny, frozen, random CLIP text encoder ------------------------------------
 
 PAD, UNK = "<pad>", "<unk>"

@@ -4,8 +4,9 @@
     python train.py --model /path/to/sd15 --data /path/to/images --micro-batch 4        # one GPU, accumulates to 40
     torchrun --nproc_per_node=2 train.py                                                # the toy world, on CPU
 
-One optimisation step (DESIGN.md, "One SCott training step"), per micro-batch:
-    z0 = VAE(image) · 0.18215,  c = CLIP(caption),  c_null = CLIP("")
+The file reads top to bottom: configuration -> models -> the optimisation step -> checkpoints -> main (restore
+state, then the loop). One optimisation step (docs/paper.md, "The SCott training step"), per micro-batch:
+    z0 = VAE(image) · 0.18215,  c = CLIP(caption),  c∅ = CLIP("")
     consistency loss: student f_θ(z_tn) vs the EMA target at the teacher's SDE transition t_n -> t_m (consistency.py)
     adversarial loss: λ_adv · hinge generator term of D(f_θ(z_tn))          (discriminator.py)
 then an AdamW step of the student, a hinge step of D on real z0 vs the detached fake, and the EMA update.
@@ -31,11 +32,12 @@ from checkpoint import atomic_write
 from consistency import ConsistencyConfig, ema_update, scott_loss
 from data import DataConfig, build_latent_cache, make_loader
 from discriminator import Discriminator, DiscriminatorConfig, d_hinge_loss, g_hinge_loss
-from sd15 import load_sd15
+from sample import generate, save_grid
+from sd15 import SD15, load_sd15
 from sde_solver import NoiseSchedule
-from unet import load_unet, make_student, save_unet
-
-TOY_MODEL = Path(__file__).resolve().parent / "toy"
+from toy import SAMPLE_PROMPTS as TOY_PROMPTS, TOY_FOLDER, TRAINING_OVERRIDES as TOY_OVERRIDES, is_toy_model, \
+    make_toy_loader
+from unet import UNet, load_unet, make_student, save_unet
 
 
 @dataclass
@@ -69,25 +71,25 @@ class TrainConfig:
     check_sync_every: int = 0     # every N steps assert that all ranks hold identical weights (a DDP sanity check)
 
 
-# The toy world (toy/, or any pixel-space model): what changes unless set explicitly on the command line. A 1.7M-
-# parameter UNet learns faster than SD1.5's at the paper's learning rates, and a rank-128 LoRA would be most of it.
-# No adversarial term: on the toy it cost quality at 2 and 4 steps at every weight tried (README, "The toy world").
-# Micro-batch 0: the global batch split over the ranks (no accumulation), so any `torchrun` of 1, 2, 4... works.
-TOY_DEFAULTS = dict(steps=400, global_batch=16, micro_batch=0, lr=1e-4, d_lr=1e-4, warmup=20, adv_weight=0.0,
-                    ckpt_every=200, sample_every=200, log_every=20, resolution=32, lora_rank=4, lora_alpha=4.0,
-                    w_min=2.0, w_max=6.0)
-SAMPLE_PROMPTS = {"toy": ["a red circle on the left", "a blue square at the top", "a green triangle on the right"],
-                  "sd15": ["a photo of an astronaut riding a horse on the moon", "a watercolor painting of a fox",
-                           "a bowl of ramen, studio lighting, 85mm"]}
+SD15_SAMPLE_PROMPTS = ["a photo of an astronaut riding a horse on the moon", "a watercolor painting of a fox",
+                       "a bowl of ramen, studio lighting, 85mm"]
 
 
 # ---- configuration --------------------------------------------------------------------------------------------
 
+def model_path(model: str) -> Path:
+    """--model, or the shipped toy model when it is empty."""
+    return Path(model) if model else TOY_FOLDER
+
+
 def parse_args(argv=None):
-    """One argparse group per config dataclass; flags are the field names (--micro-batch, --eta, --lora-rank...)."""
+    """One argparse group per config dataclass; flags are the field names (--micro-batch, --eta, --lora-rank...).
+    With the toy model (no --model), toy.TRAINING_OVERRIDES replace the defaults of the flags not given."""
     groups = {"train": TrainConfig, "consistency": ConsistencyConfig, "discriminator": DiscriminatorConfig,
               "data": DataConfig}
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=(
+        "Defaults are SD1.5's (the paper's run). Without --model the shipped toy model is trained and the defaults "
+        "marked 'toy:' apply instead."))
     for title, cls in groups.items():
         group = parser.add_argument_group(title)
         for f in dataclasses.fields(cls):
@@ -95,14 +97,14 @@ def parse_args(argv=None):
                 continue  # that is --data
             flag = "--" + f.name.replace("_", "-")
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            shown = f"(default {default}" + (f"; toy: {TOY_OVERRIDES[f.name]})" if f.name in TOY_OVERRIDES else ")")
             if isinstance(default, bool):
-                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"(default {default})")
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=shown)
             else:
-                group.add_argument(flag, type=type(default), default=None, help=f"(default {default})")
+                group.add_argument(flag, type=type(default), default=None, help=shown)
     args = vars(parser.parse_args(argv))
-    explicit = {k for k, v in args.items() if v is not None}
-    if is_pixel_space(Path(args["model"]) if args["model"] else TOY_MODEL):
-        args.update({k: v for k, v in TOY_DEFAULTS.items() if k not in explicit})
+    if is_toy_model(model_path(args["model"])):
+        args.update({k: v for k, v in TOY_OVERRIDES.items() if args[k] is None})
     build = lambda cls, **extra: cls(**{f.name: args[f.name] for f in dataclasses.fields(cls)  # noqa: E731
                                         if args.get(f.name) is not None}, **extra)
     return (build(TrainConfig), build(ConsistencyConfig), build(DiscriminatorConfig),
@@ -132,6 +134,18 @@ def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def average_gradients(module: torch.nn.Module):
+    """Mean of the gradients over ranks in one all-reduce, for D (its forward runs inside the teacher's, outside any
+    DDP wrapper)."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if dist.is_initialized() and grads:
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        for g, averaged in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(averaged.view_as(g))
+
+
 def assert_replicas_in_sync(step: int, **modules):
     """Raise if any rank's weights differ from rank 0's (float64 sum and sum of squares per module: any drift
     between replicas changes them)."""
@@ -148,19 +162,168 @@ def assert_replicas_in_sync(step: int, **modules):
                                f"{[n for n, a, b in zip(modules, other, gathered[0]) if not torch.equal(a, b)]}")
 
 
-def average_gradients(module: torch.nn.Module):
-    """Mean of the gradients over ranks, for D (its forward runs inside the teacher's, outside any DDP wrapper)."""
-    if dist.is_initialized():
-        for p in module.parameters():
-            if p.grad is not None:
-                dist.all_reduce(p.grad)
-                p.grad /= dist.get_world_size()
+# ---- models ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class Models:
+    """Everything the step runs. `*_fwd` are what gets called (DDP-wrapped and/or compiled); the plain modules are
+    what the optimiser, the EMA update and the checkpoints see."""
+    bundle: SD15                   # tokenizer, text encoder, VAE (frozen) and the teacher UNet
+    student: UNet                  # f_θ: fp32, trained
+    target: UNet                   # f_θ⁻: the EMA of the student, frozen
+    teacher: UNet                  # frozen; also D's backbone
+    disc: Discriminator | None     # LoRA adapters + head on the teacher; None when adv_weight = 0
+    schedule: NoiseSchedule
+    uncond: torch.Tensor           # CLIP("") (1, 77, 768), broadcast over the batch
+    student_fwd: torch.nn.Module
+    target_fwd: torch.nn.Module
+    teacher_fwd: torch.nn.Module
+    ddp: DDP | None                # the student's DDP wrapper (for no_sync), None at world size 1
+
+
+def build_models(cfg: TrainConfig, consistency: ConsistencyConfig, disc_cfg: DiscriminatorConfig, device,
+                 world: int) -> Models:
+    """Load the teacher bundle in fp32, make the student and its target from the teacher, then cast the frozen
+    nets (bf16 on GPU when --bf16). D's LoRA initialisation draws from torch's global RNG: seed it identically on
+    every rank before calling this."""
+    frozen_dtype = torch.bfloat16 if cfg.bf16 and device.type == "cuda" else torch.float32
+    bundle = load_sd15(model_path(cfg.model), tokenizer=cfg.tokenizer or None, device=device)
+    student = make_student(bundle.unet, consistency.w_embed_dim).train().requires_grad_(True)
+    target = make_student(bundle.unet, consistency.w_embed_dim).requires_grad_(False).eval()
+    teacher = bundle.unet.to(frozen_dtype).requires_grad_(False).eval()
+    bundle.vae.to(frozen_dtype).requires_grad_(False)
+    bundle.text_encoder.to(frozen_dtype).requires_grad_(False)
+    student.gradient_checkpointing = cfg.grad_checkpointing
+    if cfg.channels_last:
+        for m in (student, target, teacher):
+            m.to(memory_format=torch.channels_last)
+    disc = Discriminator(teacher, disc_cfg) if cfg.adv_weight > 0 else None
+    with torch.no_grad():
+        uncond = bundle.encode_prompts([""])
+    ddp = DDP(student, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else None
+    student_fwd = ddp or student
+    maybe_compile = torch.compile if cfg.compile else (lambda m: m)
+    return Models(bundle, student, target, teacher, disc, NoiseSchedule(bundle.alphas_cumprod.to(device)), uncond,
+                  maybe_compile(student_fwd), maybe_compile(target), maybe_compile(teacher), ddp)
+
+
+def build_optimizers(models: Models, cfg: TrainConfig, device):
+    """AdamW for the student (paper); AdamW with β1 = 0 for D, as in PCM and most GAN trainers: momentum lags the
+    moving fake distribution. Fused kernels on GPU."""
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW(models.student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+    d_opt = (torch.optim.AdamW(models.disc.parameters(), lr=cfg.d_lr, betas=(0.0, 0.999), fused=fused)
+             if models.disc else None)
+    return opt, d_opt
+
+
+# ---- the optimisation step ---------------------------------------------------------------------------------------
+
+@dataclass
+class StepStats:
+    loss_cd: torch.Tensor    # consistency loss, mean over the micro-batches
+    loss_g: torch.Tensor     # generator hinge term (0 without D)
+    loss_d: torch.Tensor     # discriminator hinge loss (0 without D, or when the step was skipped)
+    grad_norm: torch.Tensor  # the student's gradient norm before clipping
+    applied: bool            # False: a non-finite loss or gradient on some rank, nothing was updated
+
+
+def encode_batch(batch: dict, bundle: SD15, device, autocast):
+    """Latents z0 (B, 4, h, w) and text embeddings (B, 77, 768), from the latent cache when it provides them."""
+    with torch.no_grad(), autocast:
+        if "latent" in batch:
+            return batch["latent"].to(device), batch["text_embedding"].to(device)
+        z0 = bundle.vae.encode(batch["image"].to(device))
+        return z0.float(), bundle.encode_prompts(batch["caption"])
+
+
+def discriminator_view(z: torch.Tensor, t_d: torch.Tensor, noise_d: torch.Tensor, schedule: NoiseSchedule,
+                       renoise: bool):
+    """What D scores for a latent z (real z0 or fake x̂0): z itself at t = 0 (the paper's clean real/fake), or with
+    `renoise` the forward process at t_d with noise_d: the caller passes the same t_d and noise_d for real and
+    fake, so D compares the two at one noise level and one noise draw."""
+    if renoise:
+        return schedule.add_noise(z, noise_d.to(z.dtype), t_d), t_d
+    return z, torch.zeros_like(t_d)
+
+
+def student_backward(models: Models, micro_batches, cfg: TrainConfig, consistency: ConsistencyConfig,
+                     renoise: bool, generator: torch.Generator, autocast):
+    """Backward of L_cd + λ_adv L_adv over the micro-batches (gradients averaged over them), D frozen as a fixed
+    critic. Returns (L_cd, L_adv) averaged, detached, and per micro-batch the (z0, x̂0 detached, c, t_d, noise_d)
+    that D's step scores."""
+    n = len(micro_batches)
+    zero = torch.zeros((), device=models.uncond.device)
+    loss_cd, loss_g, fakes = zero.clone(), zero.clone(), []
+    if models.disc:
+        models.disc.requires_grad_(False)  # the generator term must not train D
+    for i, (z0, cond) in enumerate(micro_batches):
+        # DDP all-reduces the gradients in backward; on every micro-batch but the last, no_sync skips that.
+        sync = nullcontext() if models.ddp is None or i == n - 1 else models.ddp.no_sync()
+        with sync, autocast:
+            res = scott_loss(models.student_fwd, models.target_fwd, models.teacher_fwd, z0, cond, models.uncond,
+                             models.schedule, consistency, generator)
+            loss = res.loss
+            if models.disc:
+                t_d = torch.randint(0, models.schedule.num_timesteps, (z0.shape[0],), generator=generator,
+                                    device=generator.device).to(z0.device)
+                noise_d = torch.randn(z0.shape, generator=generator, device=generator.device).to(z0.device)
+                x_d, t_in = discriminator_view(res.x_student, t_d, noise_d, models.schedule, renoise)
+                g_loss = g_hinge_loss(models.disc(models.teacher_fwd, x_d, t_in, cond))
+                loss = loss + cfg.adv_weight * g_loss
+                loss_g += g_loss.detach() / n
+                fakes.append((z0, res.x_student.detach(), cond, t_d, noise_d))
+            (loss / n).backward()
+        loss_cd += res.loss.detach() / n
+    if models.disc:
+        models.disc.requires_grad_(True)
+    return loss_cd, loss_g, fakes
+
+
+def discriminator_backward(models: Models, fakes, renoise: bool, autocast) -> torch.Tensor:
+    """Backward of D's hinge loss, real z0 vs the student's detached x̂0 (same t_d and noise_d for both); the
+    gradients are averaged over micro-batches and ranks. Returns the loss, detached."""
+    loss_d = torch.zeros((), device=models.uncond.device)
+    for z0, fake, cond, t_d, noise_d in fakes:
+        with autocast:
+            logits = [models.disc(models.teacher_fwd, *discriminator_view(z, t_d, noise_d, models.schedule, renoise),
+                                  cond) for z in (z0, fake)]
+            d_loss = d_hinge_loss(*logits)
+        (d_loss / len(fakes)).backward()
+        loss_d += d_loss.detach() / len(fakes)
+    average_gradients(models.disc)
+    return loss_d
+
+
+def train_step(models: Models, opt, d_opt, micro_batches, cfg: TrainConfig, consistency: ConsistencyConfig,
+               renoise: bool, generator: torch.Generator, autocast) -> StepStats:
+    """One optimisation step of SCott on `micro_batches` [(z0, c), ...]: the student's step (skipped on every rank
+    if any rank saw a non-finite loss or gradient), D's step, then the EMA update of the target. The trainer's loop,
+    the tests and bench.py all run exactly this."""
+    loss_cd, loss_g, fakes = student_backward(models, micro_batches, cfg, consistency, renoise, generator, autocast)
+    grad_norm = torch.nn.utils.clip_grad_norm_(models.student.parameters(), cfg.grad_clip)
+    nonfinite = all_reduce_max((~torch.isfinite(loss_cd + loss_g + grad_norm)).float())
+    if nonfinite.item() > 0:  # the one host sync of the step: every rank takes the same branch
+        opt.zero_grad(set_to_none=True)
+        return StepStats(loss_cd, loss_g, torch.zeros_like(loss_cd), grad_norm, applied=False)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+    loss_d = torch.zeros_like(loss_cd)
+    if models.disc:
+        loss_d = discriminator_backward(models, fakes, renoise, autocast)
+        torch.nn.utils.clip_grad_norm_(models.disc.parameters(), cfg.grad_clip)
+        d_opt.step()
+        d_opt.zero_grad(set_to_none=True)
+
+    ema_update(models.target, models.student, consistency.ema_decay)  # θ⁻ ← μ θ⁻ + (1 − μ) θ
+    return StepStats(loss_cd, loss_g, loss_d, grad_norm, applied=True)
 
 
 # ---- checkpoints -----------------------------------------------------------------------------------------------
 
-def save_checkpoint(out: Path, step: int, student, target, disc, opt, d_opt, generator, counters, configs,
-                    keep: int, rank: int):
+def save_checkpoint(out: Path, step: int, models: Models, opt, d_opt, generator, counters, configs, keep: int,
+                    rank: int):
     """Write out/step-N atomically (temp folder + rename), then point out/latest at it (temp file + rename).
 
     Every rank's RNG state is gathered so a resumed run draws the same noise on every rank."""
@@ -171,11 +334,12 @@ def save_checkpoint(out: Path, step: int, student, target, disc, opt, d_opt, gen
         dist.all_gather_object(all_rng, rng)
     if rank == 0:
         final, tmp = out / f"step-{step:07d}", out / f".tmp-step-{step:07d}"
-        save_unet(student, tmp / "student")
-        save_unet(target, tmp / "target")
+        save_unet(models.student, tmp / "student")
+        save_unet(models.target, tmp / "target")
         torch.save({"step": step, "optimizer": opt.state_dict(), "d_optimizer": d_opt.state_dict() if d_opt else None,
-                    "discriminator": disc.state_dict() if disc else None, "rng": all_rng, "counters": counters,
-                    "config": {k: dataclasses.asdict(c) for k, c in configs.items()}}, tmp / "state.pt")
+                    "discriminator": models.disc.state_dict() if models.disc else None, "rng": all_rng,
+                    "counters": counters, "config": {k: dataclasses.asdict(c) for k, c in configs.items()}},
+                   tmp / "state.pt")
         if final.exists():  # a re-run of the same step (e.g. a stop right after a periodic checkpoint)
             _remove(final)
         os.replace(tmp, final)
@@ -205,33 +369,67 @@ def find_resume(cfg: TrainConfig) -> Path | None:
     return path
 
 
-# ---- the training step -------------------------------------------------------------------------------------------
+def restore(checkpoint: Path, state: dict, models: Models, opt, d_opt, generator, rank: int, device):
+    """Load a checkpoint into the modules the run already built (so the optimiser's parameter order is unchanged)
+    and continue every random stream where it stopped."""
+    models.student.load_state_dict(load_unet(checkpoint / "student", device).state_dict())
+    models.target.load_state_dict(load_unet(checkpoint / "target", device).state_dict())
+    opt.load_state_dict(state["optimizer"])
+    if models.disc:
+        models.disc.load_state_dict(state["discriminator"])
+        d_opt.load_state_dict(state["d_optimizer"])
+    rng = state["rng"][rank]
+    generator.set_state(rng["generator"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"])
 
-def encode_batch(batch, bundle, device, autocast):
-    """Latents z0 (B, 4, h, w) and text embeddings (B, 77, 768), from the latent cache when it provides them."""
-    with torch.no_grad(), autocast:
-        if "latent" in batch:
-            return batch["latent"].to(device), batch["text_embedding"].to(device)
-        z0 = bundle.vae.encode(batch["image"].to(device))
-        return z0.float(), bundle.encode_prompts(batch["caption"])
+
+# ---- data and sample grids ---------------------------------------------------------------------------------------
+
+def make_batches(cfg: TrainConfig, data_cfg: DataConfig, toy_world: bool, rank, world, start_batch):
+    """The micro-batch stream: the toy world's generator when --data is not given, else data.py's loader."""
+    if not cfg.data:
+        if not toy_world:
+            raise SystemExit("--data is required with --model (the synthetic data only fits the toy model).")
+        return make_toy_loader(cfg.micro_batch, rank=rank, world_size=world, start_batch=start_batch, seed=cfg.seed)
+    return make_loader(data_cfg, cfg.micro_batch, rank, world, start_batch=start_batch)
 
 
-def discriminator_inputs(z0, generator, n_timesteps=1000):
-    """Shared timestep and noise for real and fake (used only when D re-noises its inputs)."""
-    t = torch.randint(0, n_timesteps, (z0.shape[0],), generator=generator, device=z0.device)
-    return t, torch.randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
+def write_sample_grid(path, models: Models, prompts, resolution, consistency: ConsistencyConfig):
+    """Fixed prompts and seeds at 1, 2 and 4 steps, one row per step count (sample.py does the work)."""
+    models.student.eval()
+    rows = [generate(models.bundle, models.student, models.schedule, prompts, steps=s,
+                     guidance=(consistency.w_min + consistency.w_max) / 2, height=resolution, width=resolution,
+                     seed=0) for s in (1, 2, 4)]
+    models.student.train()
+    save_grid(torch.cat(rows), path, columns=len(prompts), metadata={"prompts": json.dumps(prompts),
+                                                                       "rows": "1, 2, 4 steps", "seed": "0"})
 
+
+def cache_latents(cfg: TrainConfig, data_cfg: DataConfig, device):
+    """Run the VAE and CLIP over --data once (centre crops, bf16 on GPU) so training reads latents instead."""
+    if not cfg.data:
+        raise SystemExit("--cache-to needs --data (the images to encode).")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    bundle = load_sd15(model_path(cfg.model), tokenizer=cfg.tokenizer or None, device=device, dtype=dtype)
+    with torch.no_grad():
+        manifest = build_latent_cache(data_cfg, lambda images: bundle.vae.encode(images.to(device, dtype)).cpu(),
+                                      lambda captions: bundle.encode_prompts(captions).cpu(), cfg.cache_to)
+    print(f"wrote a latent cache of {manifest.get('count')} samples to {cfg.cache_to}; train with --data {cfg.cache_to}")
+
+
+# ---- main ------------------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    cfg, ccfg, dcfg, data_cfg = parse_args(argv)
+    # -- configuration; cheap checks first, so a wrong path or an empty dataset fails before any model is loaded
+    cfg, consistency, disc_cfg, data_cfg = parse_args(argv)
     rank, world, device = setup_distributed()
     master = rank == 0
-    out = Path(cfg.out)
-
-    # Cheap checks first: a wrong path or an empty dataset fails here, before any model is loaded.
-    model_path = Path(cfg.model) if cfg.model else TOY_MODEL
-    if not model_path.exists():
-        raise SystemExit(f"--model {model_path}: no such file or folder (an SD1.5 diffusers folder or single file).")
+    out, model = Path(cfg.out), model_path(cfg.model)
+    if not model.exists():
+        raise SystemExit(f"--model {model}: no such file or folder (an SD1.5 diffusers folder or single file).")
+    toy_world = is_toy_model(model)
     if cfg.micro_batch == 0:  # no accumulation: each rank takes an equal share of the global batch
         cfg = dataclasses.replace(cfg, micro_batch=max(1, cfg.global_batch // world))
     if cfg.global_batch % (cfg.micro_batch * world):
@@ -239,113 +437,61 @@ def main(argv=None):
                          f"world size {world}; choose --micro-batch so that it is.")
     accumulation = cfg.global_batch // (cfg.micro_batch * world)
     if cfg.cache_to:
-        return cache_latents(cfg, data_cfg, model_path, device)
+        return cache_latents(cfg, data_cfg, device)
     resume_from = find_resume(cfg)
-    start_step = 0 if resume_from is None else torch.load(resume_from / "state.pt", weights_only=True)["step"]
-    loader = make_batches(cfg, data_cfg, rank, world, start_batch=start_step * accumulation)
+    state = torch.load(resume_from / "state.pt", weights_only=True, map_location="cpu") if resume_from else None
+    start_step = state["step"] if state else 0
+    loader = make_batches(cfg, data_cfg, toy_world, rank, world, start_batch=start_step * accumulation)
+    if master and toy_world:
+        print(f"toy world: defaults {TOY_OVERRIDES} (flags given on the command line win)")
 
+    # -- models, optimisers, random streams; then the saved state, if resuming
     torch.manual_seed(cfg.seed)  # the same on every rank: D's LoRA initialisation must be identical everywhere
     generator = torch.Generator(device).manual_seed(cfg.seed + rank)  # all of SCott's noise goes through it
-    frozen_dtype = torch.bfloat16 if cfg.bf16 and device.type == "cuda" else torch.float32
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
-
-    # Models: load in fp32 once, make the student from it, then cast the frozen copies.
-    bundle = load_sd15(model_path, tokenizer=cfg.tokenizer or None, device=device)
-    student = make_student(bundle.unet, ccfg.w_embed_dim)
-    target = make_student(bundle.unet, ccfg.w_embed_dim).requires_grad_(False).eval()
-    if resume_from is not None:  # load into the same modules, so the optimiser's parameter order is unchanged
-        student.load_state_dict(load_unet(resume_from / "student", device).state_dict())
-        target.load_state_dict(load_unet(resume_from / "target", device).state_dict())
-    teacher = bundle.unet.to(frozen_dtype).requires_grad_(False).eval()
-    bundle.vae.to(frozen_dtype).requires_grad_(False)
-    bundle.text_encoder.to(frozen_dtype)
-    student.train().requires_grad_(True)
-    student.gradient_checkpointing = cfg.grad_checkpointing
-    if cfg.channels_last:
-        for m in (student, target, teacher):
-            m.to(memory_format=torch.channels_last)
-    schedule = NoiseSchedule(bundle.alphas_cumprod.to(device))
-    disc = Discriminator(teacher, dcfg) if cfg.adv_weight > 0 else None
-
-    fused = device.type == "cuda"
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
-    # β1 = 0 for the discriminator, as in PCM and most GAN trainers: momentum lags the moving fake distribution.
-    d_opt = (torch.optim.AdamW(disc.parameters(), lr=cfg.d_lr, betas=(0.0, 0.999), fused=fused) if disc else None)
+    models = build_models(cfg, consistency, disc_cfg, device, world)
+    opt, d_opt = build_optimizers(models, cfg, device)
     counters = {"skipped_images": 0, "nonfinite_steps": 0}
-    if resume_from is not None:
-        state = torch.load(resume_from / "state.pt", weights_only=True, map_location=device)
-        opt.load_state_dict(state["optimizer"])
-        if disc:
-            disc.load_state_dict(state["discriminator"])
-            d_opt.load_state_dict(state["d_optimizer"])
-        rng = state["rng"][rank]
-        generator.set_state(rng["generator"].cpu() if device.type == "cpu" else rng["generator"])
-        torch.set_rng_state(rng["torch"].cpu())
-        if rng["cuda"] is not None and device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"].cpu())
+    if state:
+        restore(resume_from, state, models, opt, d_opt, generator, rank, device)
         counters = state["counters"]
-
-    student_ddp = DDP(student, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else student
-    run_student, run_target, run_teacher = student_ddp, target, teacher
-    if cfg.compile:
-        run_student, run_target, run_teacher = (torch.compile(m) for m in (student_ddp, target, teacher))
-    with torch.no_grad():
-        uncond = bundle.encode_prompts([""])  # (1, 77, 768), broadcast over the batch
 
     if master:
         out.mkdir(parents=True, exist_ok=True)
-        n_params = sum(p.numel() for p in student.parameters())
-        kind = "toy world" if is_pixel_space(model_path) else "SD1.5"
-        print(f"model {model_path} ({kind}), student {n_params / 1e6:.1f}M params, device {device}, world {world}, "
-              f"bf16 {cfg.bf16}")
+        n_params = sum(p.numel() for p in models.student.parameters())
+        print(f"model {model} ({'toy world' if toy_world else 'SD1.5'}), student {n_params / 1e6:.1f}M params, "
+              f"device {device}, world {world}, bf16 {cfg.bf16}")
         print(f"global batch {cfg.global_batch} = micro-batch {cfg.micro_batch} × accumulation {accumulation} × "
               f"world {world}; steps {start_step} -> {cfg.steps}")
-        if disc:
-            print(f"discriminator: LoRA rank {dcfg.lora_rank} on {len(disc.targets)} decoder layers + head, "
-                  f"trainable fraction {100 * disc.trainable_fraction(teacher):.2f}% of the UNet")
-        print(f"SCott: k={ccfg.k}, h={ccfg.substeps}, eta={ccfg.eta}, w∈[{ccfg.w_min}, {ccfg.w_max}], "
-              f"ema={ccfg.ema_decay}, loss={ccfg.loss}; resume from {resume_from}", flush=True)
+        if models.disc:
+            print(f"discriminator: LoRA rank {disc_cfg.lora_rank} on {len(models.disc.targets)} decoder layers + "
+                  f"head, trainable fraction {100 * models.disc.trainable_fraction(models.teacher):.2f}% of the UNet")
+        print(f"SCott: k={consistency.k}, h={consistency.substeps}, eta={consistency.eta}, "
+              f"w∈[{consistency.w_min}, {consistency.w_max}], ema={consistency.ema_decay}, loss={consistency.loss}; "
+              f"resume from {resume_from}", flush=True)
 
     stop = {"signal": None}
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.update(signal=signum))
+    configs = {"train": cfg, "consistency": consistency, "discriminator": disc_cfg, "data": data_cfg}
+    save = lambda step: save_checkpoint(out, step, models, opt, d_opt, generator, counters, configs,  # noqa: E731
+                                        cfg.keep_checkpoints, rank)
 
-    configs = {"train": cfg, "consistency": ccfg, "discriminator": dcfg, "data": data_cfg}
-    save = lambda step: save_checkpoint(out, step, student, target, disc, opt, d_opt, generator,  # noqa: E731
-                                        counters, configs, cfg.keep_checkpoints, rank)
+    # -- the loop
     nonfinite_in_a_row, t_last, step = 0, time.time(), start_step
     while step < cfg.steps:
         lr_scale = min(1.0, (step + 1) / max(1, cfg.warmup))
         for group in opt.param_groups:
             group["lr"] = cfg.lr * lr_scale
-
-        # -- student step: consistency + adversarial loss, accumulated over micro-batches
-        fakes, cd_sum, g_sum = [], torch.zeros((), device=device), torch.zeros((), device=device)
-        for micro in range(accumulation):
+        micro_batches = []
+        for _ in range(accumulation):
             batch = next(loader)
             counters["skipped_images"] = batch.get("skipped", counters["skipped_images"])
-            z0, cond = encode_batch(batch, bundle, device, autocast)
-            sync = micro == accumulation - 1 or world == 1
-            with (nullcontext() if sync else student_ddp.no_sync()), autocast:
-                res = scott_loss(run_student, run_target, run_teacher, z0, cond, uncond, schedule, ccfg, generator)
-                loss = res.loss
-                if disc:
-                    t_d, noise_d = discriminator_inputs(z0, generator)
-                    disc.requires_grad_(False)  # D is a fixed critic in the student's step
-                    g_loss = g_hinge_loss(disc(run_teacher, res.x_student, cond, t_d, noise_d, schedule.alphas_cumprod))
-                    disc.requires_grad_(True)
-                    loss = loss + cfg.adv_weight * g_loss
-                    g_sum += g_loss.detach() / accumulation
-                    fakes.append((z0, res.x_student.detach(), cond, t_d, noise_d))
-                (loss / accumulation).backward()
-            cd_sum += res.loss.detach() / accumulation
-        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+            micro_batches.append(encode_batch(batch, models.bundle, device, autocast))
 
-        # Non-finite loss or gradient on any rank, or a signal on any rank: every rank decides the same way.
-        flags = all_reduce_max(torch.stack([(~torch.isfinite(cd_sum + g_sum + grad_norm)).float(),
-                                            torch.tensor(float(stop["signal"] is not None), device=device)]))
-        if flags[0] > 0:
-            opt.zero_grad(set_to_none=True)
+        stats = train_step(models, opt, d_opt, micro_batches, cfg, consistency, disc_cfg.renoise, generator, autocast)
+
+        if not stats.applied:
             counters["nonfinite_steps"] += 1
             nonfinite_in_a_row += 1
             if master:
@@ -356,98 +502,44 @@ def main(argv=None):
                                  f"good weights are in {out}/latest. Lower --lr, check the data, or disable --bf16.")
             continue
         nonfinite_in_a_row = 0
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-        # -- discriminator step: real z0 vs the student's detached prediction
-        d_sum = torch.zeros((), device=device)
-        if disc:
-            for z0, fake, cond, t_d, noise_d in fakes:
-                with autocast:
-                    d_loss = d_hinge_loss(disc(run_teacher, z0, cond, t_d, noise_d, schedule.alphas_cumprod),
-                                          disc(run_teacher, fake, cond, t_d, noise_d, schedule.alphas_cumprod))
-                (d_loss / accumulation).backward()
-                d_sum += d_loss.detach() / accumulation
-            average_gradients(disc)
-            torch.nn.utils.clip_grad_norm_(disc.parameters(), cfg.grad_clip)
-            d_opt.step()
-            d_opt.zero_grad(set_to_none=True)
-
-        ema_update(target, student, ccfg.ema_decay)
         step += 1
         if cfg.check_sync_every and step % cfg.check_sync_every == 0:
-            assert_replicas_in_sync(step, student=student, target=target, **({"discriminator": disc} if disc else {}))
+            assert_replicas_in_sync(step, student=models.student, target=models.target,
+                                    **({"discriminator": models.disc} if models.disc else {}))
 
         if step % cfg.log_every == 0 or step == cfg.steps:
             skipped = torch.tensor(float(counters["skipped_images"]), device=device)
             if dist.is_initialized():  # every rank reads its own share of the data: report the sum
                 dist.all_reduce(skipped)
-        if master and (step % cfg.log_every == 0 or step == cfg.steps):
-            dt, t_last = time.time() - t_last, time.time()
-            steps_done = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
-            per_step = dt / steps_done
-            record = {"step": step, "loss_cd": cd_sum.item(), "loss_g": g_sum.item(), "loss_d": d_sum.item(),
-                      "lr": cfg.lr * lr_scale, "grad_norm": grad_norm.item(),
-                      "images_per_s": cfg.global_batch / per_step, "eta_s": per_step * (cfg.steps - step),
-                      "skipped_images": int(skipped.item()), "nonfinite_steps": counters["nonfinite_steps"]}
-            print(f"step {step}/{cfg.steps} | cd {record['loss_cd']:.5f} | g {record['loss_g']:.3f} | "
-                  f"d {record['loss_d']:.3f} | lr {record['lr']:.2e} | gnorm {record['grad_norm']:.3f} | "
-                  f"{record['images_per_s']:.1f} img/s | skipped {record['skipped_images']} | "
-                  f"eta {record['eta_s'] / 60:.1f} min", flush=True)
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            if master:
+                dt, t_last = time.time() - t_last, time.time()
+                per_step = dt / (cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every)
+                record = {"step": step, "loss_cd": stats.loss_cd.item(), "loss_g": stats.loss_g.item(),
+                          "loss_d": stats.loss_d.item(), "lr": cfg.lr * lr_scale, "grad_norm": stats.grad_norm.item(),
+                          "images_per_s": cfg.global_batch / per_step, "eta_s": per_step * (cfg.steps - step),
+                          "skipped_images": int(skipped.item()), "nonfinite_steps": counters["nonfinite_steps"]}
+                print(f"step {step}/{cfg.steps} | cd {record['loss_cd']:.5f} | g {record['loss_g']:.3f} | "
+                      f"d {record['loss_d']:.3f} | lr {record['lr']:.2e} | gnorm {record['grad_norm']:.3f} | "
+                      f"{record['images_per_s']:.1f} img/s | skipped {record['skipped_images']} | "
+                      f"eta {record['eta_s'] / 60:.1f} min", flush=True)
+                with open(out / "log.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
         if master and cfg.sample_every and step % cfg.sample_every == 0:
-            write_sample_grid(out / f"samples-{step:07d}.png", bundle, student, schedule,
-                              SAMPLE_PROMPTS["toy" if is_pixel_space(model_path) else "sd15"], data_cfg.resolution, ccfg)
-        stopping = flags[1] > 0 or (cfg.stop_after and step - start_step >= cfg.stop_after)
+            prompts = TOY_PROMPTS if toy_world else SD15_SAMPLE_PROMPTS
+            write_sample_grid(out / f"samples-{step:07d}.png", models, prompts, data_cfg.resolution, consistency)
+
+        # A signal may reach one rank only: every rank stops at the same step boundary.
+        signalled = all_reduce_max(torch.tensor(float(stop["signal"] is not None), device=device)).item() > 0
+        stopping = signalled or bool(cfg.stop_after and step - start_step >= cfg.stop_after)
         if step % cfg.ckpt_every == 0 or step == cfg.steps or stopping:
             save(step)
         if stopping:
             if master:
-                print(f"stopped at step {step} ({'signal' if flags[1] > 0 else '--stop-after'}); resume with "
+                print(f"stopped at step {step} ({'signal' if signalled else '--stop-after'}); resume with "
                       f"--resume auto --out {out}", flush=True)
             break
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def cache_latents(cfg: TrainConfig, data_cfg: DataConfig, model_path, device):
-    """Run the VAE and CLIP over --data once (centre crops, bf16 on GPU) so training reads latents instead."""
-    if not cfg.data:
-        raise SystemExit("--cache-to needs --data (the images to encode).")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    bundle = load_sd15(model_path, tokenizer=cfg.tokenizer or None, device=device, dtype=dtype)
-    with torch.no_grad():
-        manifest = build_latent_cache(data_cfg, lambda images: bundle.vae.encode(images.to(device, dtype)).cpu(),
-                                      lambda captions: bundle.encode_prompts(captions).cpu(), cfg.cache_to)
-    print(f"wrote a latent cache of {manifest.get('count')} samples to {cfg.cache_to}; train with --data {cfg.cache_to}")
-
-
-def is_pixel_space(model_path: Path) -> bool:
-    """The toy world's models are pixel-space folders (model_index.json says so); SD1.5 never is."""
-    index = model_path / "model_index.json"
-    return index.is_file() and json.loads(index.read_text()).get("pixel_space", False)
-
-
-def make_batches(cfg: TrainConfig, data_cfg: DataConfig, rank, world, start_batch):
-    """The micro-batch stream: the toy world's generator when --data is not given, else data.py's loader."""
-    if not cfg.data:
-        if not is_pixel_space(Path(cfg.model) if cfg.model else TOY_MODEL):
-            raise SystemExit("--data is required with --model (the synthetic data only fits the toy model).")
-        from toy import make_toy_loader
-        return make_toy_loader(cfg.micro_batch, rank=rank, world_size=world, start_batch=start_batch, seed=cfg.seed)
-    return make_loader(data_cfg, cfg.micro_batch, rank, world, start_batch=start_batch)
-
-
-def write_sample_grid(path, bundle, student, schedule, prompts, resolution, ccfg):
-    """Fixed prompts and seeds at 1, 2 and 4 steps, one row per step count (sample.py does the work)."""
-    from sample import generate, save_grid
-    student.eval()
-    rows = [generate(bundle, student, schedule, prompts, steps=s, guidance=(ccfg.w_min + ccfg.w_max) / 2,
-                     height=resolution, width=resolution, seed=0) for s in (1, 2, 4)]
-    student.train()
-    save_grid(torch.cat(rows), path, columns=len(prompts), metadata={"prompts": json.dumps(prompts),
-                                                                       "rows": "1, 2, 4 steps", "seed": "0"})
 
 
 if __name__ == "__main__":

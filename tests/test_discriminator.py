@@ -7,10 +7,13 @@ from discriminator import Discriminator, DiscriminatorConfig, d_hinge_loss, g_hi
 from unet import UNet, UNetConfig, make_student
 
 
-def setup(renoise=False):
+T0 = torch.zeros(2, dtype=torch.long)  # clean latents are scored at t = 0
+
+
+def setup():
     torch.manual_seed(0)
     teacher = UNet(UNetConfig.tiny()).requires_grad_(False).eval()
-    disc = Discriminator(teacher, DiscriminatorConfig(lora_rank=4, renoise=renoise))
+    disc = Discriminator(teacher, DiscriminatorConfig(lora_rank=4))
     for lora in disc.lora.values():  # B starts at zero; perturb it so the delta is visible in these tests
         torch.nn.init.normal_(lora.up.weight, std=0.1)
     x = torch.randn(2, 4, 16, 16)
@@ -31,13 +34,11 @@ def test_lora_is_a_switchable_delta_on_the_teacher():
     assert not any(name.startswith("backbone") for name, _ in disc.named_parameters())  # no second UNet inside D
 
 
-def test_logits_are_patch_logits():
+def test_logits_are_patch_logits_that_depend_on_the_timestep():
     teacher, disc, x, ctx = setup()
-    assert disc(teacher, x, ctx).shape == (2, 1, 16, 16)
-    teacher, disc, x, ctx = setup(renoise=True)
-    t, noise = torch.tensor([3, 900]), torch.randn_like(x)
-    ab = torch.linspace(0.999, 0.01, 1000, dtype=torch.float64)
-    assert disc(teacher, x, ctx, t, noise, ab).shape == (2, 1, 16, 16)
+    logits = disc(teacher, x, T0, ctx)
+    assert logits.shape == (2, 1, 16, 16)
+    assert not torch.allclose(disc(teacher, x, torch.tensor([3, 900]), ctx), logits)  # D is conditioned on t
 
 
 def test_generator_loss_reaches_the_student_through_the_frozen_backbone():
@@ -47,7 +48,7 @@ def test_generator_loss_reaches_the_student_through_the_frozen_backbone():
     w = torch.full((2,), 4.0)
     fake = student(x, torch.tensor([999, 999]), ctx, w=w)  # stands in for the student's x̂0
     disc.requires_grad_(False)
-    g_hinge_loss(disc(teacher, fake, ctx)).backward()
+    g_hinge_loss(disc(teacher, fake, T0, ctx)).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
     assert all(p.grad is None for p in teacher.parameters())
     assert all(p.grad is None for p in disc.parameters())
@@ -61,7 +62,7 @@ def test_discriminator_step_leaves_student_and_teacher_untouched():
     teacher_state = copy.deepcopy(teacher.state_dict())
     opt = torch.optim.AdamW(disc.parameters(), lr=1e-2, betas=(0.0, 0.999))
     fake = student(x, torch.tensor([999, 999]), ctx, w=torch.full((2,), 4.0))
-    loss = d_hinge_loss(disc(teacher, x, ctx), disc(teacher, fake.detach(), ctx))
+    loss = d_hinge_loss(disc(teacher, x, T0, ctx), disc(teacher, fake.detach(), T0, ctx))
     loss.backward()
     assert all(p.grad is None for p in student.parameters())
     assert sum(p.grad.abs().sum() for p in disc.parameters()) > 0
