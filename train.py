@@ -69,6 +69,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_nonfinite: int = 5        # stop after this many non-finite steps in a row
     check_sync_every: int = 0     # every N steps assert that all ranks hold identical weights (a DDP sanity check)
+    deterministic: bool = False   # deterministic GPU kernels (slower): a resumed run then matches bit for bit
 
 
 SD15_SAMPLE_PROMPTS = ["a photo of an astronaut riding a horse on the moon", "a watercolor painting of a fox",
@@ -181,13 +182,12 @@ class Models:
     ddp: DDP | None                # the student's DDP wrapper (for no_sync), None at world size 1
 
 
-def build_models(cfg: TrainConfig, consistency: ConsistencyConfig, disc_cfg: DiscriminatorConfig, device,
-                 world: int) -> Models:
-    """Load the teacher bundle in fp32, make the student and its target from the teacher, then cast the frozen
-    nets (bf16 on GPU when --bf16). D's LoRA initialisation draws from torch's global RNG: seed it identically on
-    every rank before calling this."""
+def build_models(bundle: SD15, cfg: TrainConfig, consistency: ConsistencyConfig, disc_cfg: DiscriminatorConfig,
+                 device, world: int) -> Models:
+    """From the teacher bundle loaded in fp32 on `device`: make the student and its target from the teacher, then
+    cast the frozen nets (bf16 on GPU when --bf16). D's LoRA initialisation draws from torch's global RNG: seed it
+    identically on every rank before calling this."""
     frozen_dtype = torch.bfloat16 if cfg.bf16 and device.type == "cuda" else torch.float32
-    bundle = load_sd15(model_path(cfg.model), tokenizer=cfg.tokenizer or None, device=device)
     student = make_student(bundle.unet, consistency.w_embed_dim).train().requires_grad_(True)
     target = make_student(bundle.unet, consistency.w_embed_dim).requires_grad_(False).eval()
     teacher = bundle.unet.to(frozen_dtype).requires_grad_(False).eval()
@@ -424,6 +424,9 @@ def cache_latents(cfg: TrainConfig, data_cfg: DataConfig, device):
 def main(argv=None):
     # -- configuration; cheap checks first, so a wrong path or an empty dataset fails before any model is loaded
     cfg, consistency, disc_cfg, data_cfg = parse_args(argv)
+    if cfg.deterministic:  # cuBLAS reads this variable when it starts, so before any CUDA work
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     rank, world, device = setup_distributed()
     master = rank == 0
     out, model = Path(cfg.out), model_path(cfg.model)
@@ -449,7 +452,8 @@ def main(argv=None):
     torch.manual_seed(cfg.seed)  # the same on every rank: D's LoRA initialisation must be identical everywhere
     generator = torch.Generator(device).manual_seed(cfg.seed + rank)  # all of SCott's noise goes through it
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
-    models = build_models(cfg, consistency, disc_cfg, device, world)
+    bundle = load_sd15(model, tokenizer=cfg.tokenizer or None, device=device)
+    models = build_models(bundle, cfg, consistency, disc_cfg, device, world)
     opt, d_opt = build_optimizers(models, cfg, device)
     counters = {"skipped_images": 0, "nonfinite_steps": 0}
     if state:

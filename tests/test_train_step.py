@@ -10,6 +10,7 @@ import torch
 import train
 from consistency import ConsistencyConfig, boundary_scalings, scott_loss
 from discriminator import Discriminator, DiscriminatorConfig, g_hinge_loss
+from sd15 import load_sd15
 from sde_solver import teacher_transition
 from tiny_models import write_tiny_sd15
 
@@ -29,7 +30,7 @@ def build(tiny_model, adv_weight=0.4, renoise=False, ema_decay=0.95, lr=1e-3):
     cfg = train.TrainConfig(model=str(tiny_model), adv_weight=adv_weight, lr=lr, d_lr=1e-2, bf16=False)
     consistency = ConsistencyConfig(ema_decay=ema_decay)
     disc_cfg = DiscriminatorConfig(lora_rank=2, lora_alpha=2.0, renoise=renoise)
-    models = train.build_models(cfg, consistency, disc_cfg, torch.device("cpu"), world=1)
+    models = train.build_models(load_sd15(tiny_model), cfg, consistency, disc_cfg, torch.device("cpu"), world=1)
     if models.disc:  # B starts at zero; perturb it so that D's LoRA path carries gradient in these tests
         for lora in models.disc.lora.values():
             torch.nn.init.normal_(lora.up.weight, std=0.1)
