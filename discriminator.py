@@ -74,6 +74,7 @@ class Discriminator(nn.Module):
     def active(self, backbone: nn.Module, features: list):
         """Within this block, the backbone's decoder Linear layers add their LoRA delta and the last decoder
         feature map is appended to `features`. On exit the backbone is the plain teacher again."""
+        backbone = getattr(backbone, "_orig_mod", backbone)  # a torch.compile'd UNet: hook the module it wraps
         layers = dict(backbone.named_modules())
         hooks = [layers[name].register_forward_hook(self._add_delta(name)) for name in self.targets]
         hooks.append(backbone.up_blocks[-1].register_forward_hook(lambda m, i, out: features.append(out)))
