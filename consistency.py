@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from sde_solver import (NOISE_KINDS, NoiseSampler, NoiseSchedule, check_eta, check_substeps, check_timesteps, draw_noise,
-                        randn_like, teacher_transition)
+from sde_solver import (NOISE_KINDS, NoiseSampler, NoiseSchedule, check_eta, check_substeps, check_timesteps,
+                        draw_noise, randn_like, teacher_transition)
 
 
 @dataclass

@@ -232,8 +232,8 @@ def evaluate_models(model, student=None, steps=(1, 2, 4), teacher_steps=None, sa
     print("| model | shape | colour | position | all | FD | seconds |\n|---|---|---|---|---|---|---|")
     data = render(prompts_to_labels([p for p in prompts for _ in range(n_per_prompt)]),
                   torch.Generator().manual_seed(seed + 1), size)
-    rows = [{"name": "data (fresh synthetic)", "steps": None,
-             "scores": evaluate_samples(data, [p for p in prompts for _ in range(n_per_prompt)], classifier=classifier)}]
+    data_scores = evaluate_samples(data, [p for p in prompts for _ in range(n_per_prompt)], classifier=classifier)
+    rows = [{"name": "data (fresh synthetic)", "steps": None, "scores": data_scores}]
     _print_row(rows[0]["name"], rows[0]["scores"], 0.0)
     jobs = []
     if teacher_steps:

@@ -151,8 +151,9 @@ def cfg_eps(eps_fn, x: torch.Tensor, t, cond: torch.Tensor, uncond: torch.Tensor
 def teacher_transition(eps_fn, x_tn: torch.Tensor, t_n, t_m, cond: torch.Tensor, uncond: torch.Tensor, w,
                        schedule: NoiseSchedule, eta: float, substeps: int, generator: torch.Generator | None = None,
                        noise: torch.Tensor | None = None, kind: str = "ddim") -> torch.Tensor:
-    """SCott's target solver (Liu et al. 2024, arXiv 2403.01505): carry x_{t_n} to x_{t_m} in h = `substeps` equal DDIM-η sub-steps,
-    guided ε at every sub-step and fresh noise per sub-step. η = 0, h = 1 is exactly LCM's one-step DDIM target.
+    """SCott's target solver (Liu et al. 2024, arXiv 2403.01505): carry x_{t_n} to x_{t_m} in h = `substeps` equal
+    DDIM-η sub-steps, guided ε at every sub-step and fresh noise per sub-step. η = 0, h = 1 is exactly LCM's
+    one-step DDIM target.
     t_n, t_m: ints or per-sample (B,) integer tensors with 0 ≤ t_m < t_n ≤ T−1 and (t_n − t_m) divisible by h.
     Noise: `noise` of shape (h, *x.shape), or drawn from `generator` (one draw of x's shape per sub-step)."""
     B = x_tn.shape[0]
