@@ -6,15 +6,16 @@ network at the teacher's next point, f_θ⁻(x_{t_m}, t_m). SCott (Liu et al. 20
 teacher's t_n -> t_m transition stochastic: h DDIM-η sub-steps with fresh noise (sde_solver.teacher_transition).
 
 Networks are callables: the student and its EMA target are `net(x, t, cond, w) -> ε̂`, conditioned on the guidance
-scale ω (they embed it themselves, LCM-style), the teacher is `teacher(x, t, cond) -> ε̂`. Guidance is the standard
-CFG form ε_u + ω (ε_c − ε_u); LCM's "w" is ω − 1 (see sde_solver.py).
+scale ω (they embed it themselves, LCM-style: unet.guidance_embedding), the teacher is `teacher(x, t, cond) -> ε̂`.
+Guidance is the standard CFG form ε_u + ω (ε_c − ε_u); LCM's "w" is ω − 1 (see sde_solver.py).
 """
 import math
 from dataclasses import dataclass
 
 import torch
 
-from sde_solver import NOISE_KINDS, NoiseSchedule, check_eta, check_substeps, randn_like, teacher_transition
+from sde_solver import (NOISE_KINDS, NoiseSampler, NoiseSchedule, check_eta, check_substeps, check_timesteps,
+                        draw_noise, randn_like, teacher_transition)
 
 
 @dataclass
@@ -32,8 +33,8 @@ class ConsistencyConfig:
     loss: str = "l2"               # "l2" (paper) or "huber" (pseudo-Huber, LCM's option)
     huber_c: float = 0.001         # pseudo-Huber constant (LCM)
     ema_decay: float = 0.95        # target θ⁻ ← μ θ⁻ + (1 − μ) θ (LCM); 0 = the online network is the target
-    timestep_scaling: float = 10.0 # boundary scalings use s = 10·t (LCM)
-    sigma_data: float = 0.5        # σ_data of the boundary scalings (LCM)
+    timestep_scaling: float = 10.0 # boundary scalings use s = 10·t (LCM); the student records it (make_student)
+    sigma_data: float = 0.5        # σ_data of the boundary scalings (LCM); recorded likewise
     w_embed_dim: int = 256         # size of the sinusoidal ω embedding (LCM's time_cond_proj_dim)
 
     def __post_init__(self):
@@ -56,7 +57,7 @@ class ConsistencyConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}.")
 
 
-# ---- boundary parameterisation and ω embedding -----------------------------------------------------------------
+# ---- boundary parameterisation --------------------------------------------------------------------------------
 
 def boundary_scalings(t: torch.Tensor, timestep_scaling: float = 10.0, sigma_data: float = 0.5):
     """LCM's c_skip, c_out (diffusers LCMScheduler.get_scalings_for_boundary_condition_discrete), float64, (B,):
@@ -69,36 +70,17 @@ def boundary_scalings(t: torch.Tensor, timestep_scaling: float = 10.0, sigma_dat
     return c_skip, c_out
 
 
-def sinusoidal_embedding(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """(B,) -> (B, dim): [sin(x f_i), cos(x f_i)], f_i = 10000^{−i/(half−1)}, sin half first (VDM's convention,
-    which LCM's guidance embedding follows); an odd `dim` is zero-padded. The frequencies are computed exactly as
-    diffusers' `get_guidance_scale_embedding` does, so the embedding matches it bit for bit."""
-    half = dim // 2
-    spacing = torch.log(torch.tensor(10000.0)) / (half - 1)
-    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=x.device) * -spacing.to(x.device))
-    angles = x.float()[:, None] * freqs[None, :]  # (B, half)
-    emb = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
-    return torch.nn.functional.pad(emb, (0, dim % 2))
-
-
-def guidance_embedding(w: torch.Tensor, dim: int = 256) -> torch.Tensor:
-    """LCM's guidance embedding (diffusers get_guidance_scale_embedding): sinusoidal embedding of 1000·w, (B, dim).
-    LCM's UNets embed its w = ω − 1 (unet.py does the same); what a student embeds is its choice, kept fixed."""
-    if w.ndim != 1:
-        raise ValueError(f"w must be a (B,) tensor of guidance scales, got shape {tuple(w.shape)}.")
-    return sinusoidal_embedding(1000.0 * w, dim)
-
-
 def consistency_fn(student, x_t: torch.Tensor, t: torch.Tensor, cond, w: torch.Tensor, schedule: NoiseSchedule,
-                   cfg: ConsistencyConfig) -> torch.Tensor:
+                   timestep_scaling: float = 10.0, sigma_data: float = 0.5) -> torch.Tensor:
     """f_θ(x_t, t) = c_skip(t) x_t + c_out(t) x̂0(x_t, ε̂_θ(x_t, t, c, ω)): LCM's parameterisation (Luo et al. 2023)
-    of an ε-predicting network, which keeps the teacher's weights meaningful as the student's initialisation."""
+    of an ε-predicting network, which keeps the teacher's weights meaningful as the student's initialisation.
+    The scalings are the student's own (UNetConfig.timestep_scaling, sigma_data): training and sampling must agree."""
     eps = student(x_t, t, cond, w)
     if eps.shape != x_t.shape:
         raise ValueError(f"the student returned shape {tuple(eps.shape)} for input {tuple(x_t.shape)}: it must "
                          f"predict ε with the input's shape.")
     x0_hat = schedule.predict_x0(x_t, eps, t)
-    c_skip, c_out = boundary_scalings(t, cfg.timestep_scaling, cfg.sigma_data)
+    c_skip, c_out = boundary_scalings(t, timestep_scaling, sigma_data)
     shape = (-1, *([1] * (x_t.ndim - 1)))
     return c_skip.view(shape).to(x0_hat.dtype) * x_t + c_out.view(shape).to(x0_hat.dtype) * x0_hat
 
@@ -138,7 +120,7 @@ def distance(a: torch.Tensor, b: torch.Tensor, cfg: ConsistencyConfig) -> torch.
 
 def scott_loss(student, target, teacher, z0: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
                schedule: NoiseSchedule, cfg: ConsistencyConfig, generator: torch.Generator) -> ScottLoss:
-    """One SCott consistency-distillation loss (PAPER.md "Idea"; DESIGN.md "One SCott training step"):
+    """One SCott consistency-distillation loss (Liu et al. 2024, arXiv 2403.01505; docs/paper.md):
         z_{t_n} = √ᾱ z0 + √(1 − ᾱ) ε,  t_m = t_n − k,  ω ~ U[w_min, w_max]
         z_{t_m} = teacher SDE t_n -> t_m in h guided DDIM-η sub-steps              (no grad)
         loss    = d(f_θ(z_{t_n}, t_n), stopgrad f_θ⁻(z_{t_m}, t_m))
@@ -151,11 +133,12 @@ def scott_loss(student, target, teacher, z0: torch.Tensor, cond: torch.Tensor, u
     w = cfg.w_min + (cfg.w_max - cfg.w_min) * u  # (B,) ω
     z_tn = schedule.add_noise(z0, randn_like(z0, generator), t_n)
 
-    x_student = consistency_fn(student, z_tn, t_n, cond, w, schedule, cfg)
+    scalings = dict(timestep_scaling=cfg.timestep_scaling, sigma_data=cfg.sigma_data)  # = the student's (make_student)
+    x_student = consistency_fn(student, z_tn, t_n, cond, w, schedule, **scalings)
     with torch.no_grad():
         z_tm = teacher_transition(teacher, z_tn, t_n, t_m, cond, uncond, w, schedule, cfg.eta, cfg.substeps,
                                   generator=generator, kind=cfg.noise_kind)
-        x_target = consistency_fn(target, z_tm, t_m, cond, w, schedule, cfg)
+        x_target = consistency_fn(target, z_tm, t_m, cond, w, schedule, **scalings)
     loss = distance(x_student, x_target, cfg)
     return ScottLoss(loss=loss, x_student=x_student, x_target=x_target, t_n=t_n, t_m=t_m, w=w)
 
@@ -198,35 +181,43 @@ def consistency_timesteps(steps: int, original_steps: int = 50, num_timesteps: i
     return grid[index]
 
 
-@torch.no_grad()
-def sample_consistency(student, noise: torch.Tensor, cond, w: torch.Tensor, steps: int, schedule: NoiseSchedule,
-                       generator: torch.Generator | None = None, gamma: float | None = None,
-                       cfg: ConsistencyConfig | None = None) -> torch.Tensor:
-    """Multi-step consistency sampling (Song et al. 2023 Alg. 1, as LCMScheduler does it) from x_{999} = `noise`:
-    at each timestep τ_i the student predicts x̂0 = f_θ(x, τ_i); the last one is returned. In between:
-      gamma None (LCM):  x ← √ᾱ_{τ_{i+1}} x̂0 + √(1 − ᾱ_{τ_{i+1}}) z                       (full re-noise)
-      gamma γ ∈ [0, 1] (TCD, Zheng et al. 2024, diffusers TCDScheduler): a deterministic DDIM jump from τ_i past
-        τ_{i+1} to s' = floor((1 − γ) τ_{i+1}), then forward noise from s' back up to τ_{i+1}; γ = 0 is deterministic.
-    TCD returns its last step's DDIM jump to t = 0; this sampler returns the clean x̂0 instead."""
-    cfg = cfg or ConsistencyConfig()
-    if gamma is not None and not 0 <= gamma <= 1:
+def renoise_lcm(x: torch.Tensor, x0_hat: torch.Tensor, t: int, s: int, schedule: NoiseSchedule,
+                noise_sampler: NoiseSampler | None) -> torch.Tensor:
+    """LCM's (and Song et al. 2023 Alg. 1's) step between two consistency evaluations: forget x, re-noise x̂0 to s,
+        x_s = √ᾱ_s x̂0 + √(1 − ᾱ_s) z,   z fresh.    (diffusers LCMScheduler.step)"""
+    return schedule.add_noise(x0_hat, draw_noise(noise_sampler, x0_hat), s)
+
+
+def renoise_tcd(x: torch.Tensor, x0_hat: torch.Tensor, t: int, s: int, schedule: NoiseSchedule,
+                noise_sampler: NoiseSampler | None, gamma: float = 0.3) -> torch.Tensor:
+    """TCD's step (Zheng et al. 2024, diffusers TCDScheduler.step with eta = γ): a deterministic DDIM jump from t past
+    s to s' = floor((1 − γ) s), then the forward process q(x_s | x_{s'}) back up to s. γ = 0 is deterministic (needs
+    no noise), γ = 1 re-noises x̂0 fully like LCM. Pass it as `functools.partial(renoise_tcd, gamma=γ)`."""
+    if not 0 <= gamma <= 1:
         raise ValueError(f"gamma must be in [0, 1] (0 = deterministic, 1 = LCM-like), got {gamma}.")
-    B = noise.shape[0]
-    w = torch.as_tensor(w, dtype=torch.float32, device=noise.device).expand(B)
-    timesteps = consistency_timesteps(steps, num_timesteps=schedule.num_timesteps).tolist()
-    x = noise
+    s_prime = math.floor((1 - gamma) * s)  # TCD's s' ≤ s
+    x = schedule.add_noise(x0_hat, schedule.predict_eps(x, x0_hat, t), s_prime)  # DDIM jump t -> s'
+    if gamma == 0:
+        return x
+    ratio = schedule.alpha_bar(s, x) / schedule.alpha_bar(s_prime, x)  # ᾱ_s/ᾱ_{s'}: scale, add the missing variance
+    return ratio.sqrt().to(x.dtype) * x + (1 - ratio).sqrt().to(x.dtype) * draw_noise(noise_sampler, x)
+
+
+@torch.no_grad()
+def sample_consistency(student, x: torch.Tensor, cond, w, timesteps, schedule: NoiseSchedule,
+                       noise_sampler: NoiseSampler | None = None, renoise=renoise_lcm, timestep_scaling: float = 10.0,
+                       sigma_data: float = 0.5) -> torch.Tensor:
+    """Multi-step consistency sampling (Song et al. 2023 Alg. 1, as diffusers' LCMScheduler does it) from x = x_{τ_0}
+    over descending `timesteps` τ_0 > τ_1 > … (consistency_timesteps(N) for LCM's N-step grid): at each τ_i the
+    student predicts x̂0 = f_θ(x, τ_i), the last x̂0 is returned, and in between `renoise(x, x̂0, τ_i, τ_{i+1},
+    schedule, noise_sampler)` (renoise_lcm or renoise_tcd) moves to τ_{i+1}. `timestep_scaling`, `sigma_data`: the
+    student's boundary scalings (student.config for a UNet). TCD's own last step jumps to t = 0; we return x̂0."""
+    timesteps = check_timesteps(timesteps, schedule)
+    B = x.shape[0]
+    w = torch.as_tensor(w, dtype=torch.float32, device=x.device).expand(B)
     for i, tau in enumerate(timesteps):
         t = torch.full((B,), tau, dtype=torch.long, device=x.device)
-        x0_hat = consistency_fn(student, x, t, cond, w, schedule, cfg)
-        if i == steps - 1:
+        x0_hat = consistency_fn(student, x, t, cond, w, schedule, timestep_scaling, sigma_data)
+        if i == len(timesteps) - 1:
             return x0_hat
-        nxt = timesteps[i + 1]
-        if gamma is None:
-            x = schedule.add_noise(x0_hat, randn_like(x0_hat, generator), nxt)
-            continue
-        s_prime = math.floor((1 - gamma) * nxt)  # TCD's s' ≤ τ_{i+1}
-        x = schedule.add_noise(x0_hat, schedule.predict_eps(x, x0_hat, t), s_prime)  # DDIM jump τ_i -> s'
-        if gamma > 0:  # forward q(x_{τ_{i+1}} | x_{s'}): scale by √(ᾱ_{τ}/ᾱ_{s'}), add the missing variance
-            ratio = schedule.alpha_bar(nxt, x) / schedule.alpha_bar(s_prime, x)
-            x = ratio.sqrt().to(x.dtype) * x + (1 - ratio).sqrt().to(x.dtype) * randn_like(x, generator)
-    return x
+        x = renoise(x, x0_hat, tau, timesteps[i + 1], schedule, noise_sampler)

@@ -28,13 +28,12 @@ from safetensors.torch import load_file, save_file
 
 from checkpoint import atomic_write
 from sample import generate  # the project's sampler: teacher DDIM/DDPM + CFG, or a student's consistency steps
-from sd15 import load_sd15
+from sd15 import TOY_FOLDER, load_sd15
 from sde_solver import NoiseSchedule
 from toy import COLOURS, POSITIONS, SHAPES, all_prompts, make_toy_batch, prompts_to_labels, render
 from unet import load_unet
 
-TOY_DIR = Path(__file__).resolve().parent / "toy"
-CLASSIFIER_PATH = TOY_DIR / "classifier.safetensors"
+CLASSIFIER_PATH = TOY_FOLDER / "classifier.safetensors"
 REFERENCE_SEED = 1234567  # the fresh synthetic images are drawn from a seed no trainer uses (they use 0, 1, ...)
 ATTRIBUTES = ("shape", "colour", "position")
 
@@ -220,10 +219,11 @@ def _print_row(name: str, scores: dict, seconds: float) -> None:
 
 
 def evaluate_models(model, student=None, steps=(1, 2, 4), teacher_steps=None, sampler="ddim", guidance=3.0,
-                    n_per_prompt=8, seed=0, device="cpu") -> list[tuple[str, dict]]:
+                    n_per_prompt=8, seed=0, device="cpu") -> list[dict]:
     """Sample every toy prompt `n_per_prompt` times with the teacher and/or a student and score them; prints a
-    markdown table and returns [(row name, scores)]. The data's own row (fresh synthetic images) comes first: the
-    best any model can do at this sample size."""
+    markdown table and returns its rows [{"name", "steps", "scores"}] (steps None for the data's own row, fresh
+    synthetic images, which comes first: the best any model can do at this sample size). A student samples with the
+    boundary scalings its config records (sample.generate reads them)."""
     classifier = load_classifier()
     prompts = all_prompts()
     bundle = load_sd15(model, device=device)
@@ -232,9 +232,9 @@ def evaluate_models(model, student=None, steps=(1, 2, 4), teacher_steps=None, sa
     print("| model | shape | colour | position | all | FD | seconds |\n|---|---|---|---|---|---|---|")
     data = render(prompts_to_labels([p for p in prompts for _ in range(n_per_prompt)]),
                   torch.Generator().manual_seed(seed + 1), size)
-    rows = [("data (fresh synthetic)", evaluate_samples(data, [p for p in prompts for _ in range(n_per_prompt)],
-                                                        classifier=classifier))]
-    _print_row(*rows[0], 0.0)
+    data_scores = evaluate_samples(data, [p for p in prompts for _ in range(n_per_prompt)], classifier=classifier)
+    rows = [{"name": "data (fresh synthetic)", "steps": None, "scores": data_scores}]
+    _print_row(rows[0]["name"], rows[0]["scores"], 0.0)
     jobs = []
     if teacher_steps:
         eta = {"ddim": 0.0, "ddpm": 1.0}[sampler]
@@ -245,11 +245,11 @@ def evaluate_models(model, student=None, steps=(1, 2, 4), teacher_steps=None, sa
     for name, unet, n, eta in jobs:
         t0 = time.time()
         with torch.no_grad():
-            images = generate(bundle, unet, schedule, prompts, n, guidance, size, size, seed=seed, n=n_per_prompt,
-                              teacher_eta=eta)
+            images, _ = generate(bundle, unet, schedule, prompts, n, guidance, size, size, seed=seed, n=n_per_prompt,
+                                 teacher_eta=eta)
         scores = evaluate_samples(images * 2 - 1, [p for p in prompts for _ in range(n_per_prompt)],
                                   classifier=classifier)
-        rows.append((name, scores))
+        rows.append({"name": name, "steps": n, "scores": scores})
         _print_row(name, scores, time.time() - t0)
     return rows
 
@@ -270,7 +270,7 @@ def main(argv=None):
         print(f"wrote {out}")
         return
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=str(TOY_DIR), help="the toy model folder (teacher, text encoder)")
+    p.add_argument("--model", default=str(TOY_FOLDER), help="the toy model folder (teacher, text encoder)")
     p.add_argument("--student", default="", help="a distilled student UNet folder to score")
     p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4], help="student step counts")
     p.add_argument("--teacher-steps", type=int, nargs="*", default=[], help="teacher step counts, e.g. 50")
@@ -278,7 +278,7 @@ def main(argv=None):
     p.add_argument("--guidance", type=float, default=3.0, help="ω, classifier-free guidance scale")
     p.add_argument("--n-per-prompt", type=int, default=8, help="samples per toy prompt (60 prompts)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default="", help="also write the rows here as JSON ([[name, scores], ...])")
+    p.add_argument("--json", default="", help='also write the rows here as JSON ([{"name", "steps", "scores"}, ...])')
     args = p.parse_args(argv)
     if not args.student and not args.teacher_steps:
         p.error("nothing to evaluate: pass --teacher-steps N and/or --student FOLDER")

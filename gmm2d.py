@@ -22,9 +22,9 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn as nn
 
-from consistency import (ConsistencyConfig, ema_update, guidance_embedding, sample_consistency, scott_loss,
-                         sinusoidal_embedding)
-from sde_solver import NoiseSchedule, sample_teacher
+from consistency import ConsistencyConfig, consistency_timesteps, ema_update, sample_consistency, scott_loss
+from sde_solver import NoiseSchedule, generator_noise, sample_teacher, teacher_timesteps
+from unet import guidance_embedding, sinusoidal_embedding
 
 
 # ---- the data: a Gaussian mixture with an exact ε --------------------------------------------------------------
@@ -226,7 +226,7 @@ def make_references(mixture, schedule, cfg: ExperimentConfig, seed: int, draw: i
         else:
             noise = torch.randn(cfg.n_eval, 2, generator=g)
             x = sample_teacher(mixture.teacher(schedule), noise, mixture.one_hot(labels).float(),
-                               torch.zeros(1, mixture.n_classes), w, 50, 0.0, schedule)
+                               torch.zeros(1, mixture.n_classes), w, teacher_timesteps(50), schedule)
         refs[w] = (labels, x)
     return refs
 
@@ -250,7 +250,7 @@ def baseline_job(cfg: ExperimentConfig, seed: int) -> dict:
     floor = evaluate(lambda noise, cond, w, steps, g: second[float(w[0])][1], mixture, schedule, cfg, seed)
     uncond = torch.zeros(1, mixture.n_classes)
     teacher = evaluate(lambda noise, cond, w, steps, g: sample_teacher(mixture.teacher(schedule), noise, cond, uncond,
-                                                                       w, steps, 0.0, schedule),
+                                                                       w, teacher_timesteps(steps), schedule),
                        mixture, schedule, cfg, seed)
     return {"reference vs. a second reference draw (noise floor)": floor,
             "teacher DDIM, same number of steps (no distillation)": teacher}
@@ -272,8 +272,9 @@ def method_job(cfg: ExperimentConfig, seed: int, init_state: dict, eta: float, s
     init.load_state_dict(init_state)
     ccfg = ConsistencyConfig(eta=eta, substeps=substeps, w_min=cfg.w_min, w_max=cfg.w_max)
     student = distill(init, mixture, schedule, ccfg, cfg, torch.Generator().manual_seed(1000 + seed))
-    return evaluate(lambda noise, cond, w, steps, g: sample_consistency(student, noise, cond, w, steps, schedule,
-                                                                        generator=g),
+    return evaluate(lambda noise, cond, w, steps, g: sample_consistency(student, noise, cond, w,
+                                                                        consistency_timesteps(steps), schedule,
+                                                                        generator_noise(g)),
                     mixture, schedule, cfg, seed)
 
 

@@ -14,19 +14,34 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
-from consistency import sample_consistency
-from sd15 import load_sd15
-from sde_solver import NoiseSchedule, sample_teacher
+from consistency import consistency_timesteps, sample_consistency
+from sd15 import TOY_FOLDER, load_sd15
+from sde_solver import NoiseSampler, NoiseSchedule, sample_teacher, teacher_timesteps
 from unet import load_unet
 
-TOY_MODEL = Path(__file__).resolve().parent / "toy"
+
+def image_noise(seeds) -> NoiseSampler:
+    """A noise sampler with one CPU generator per image, image i's seeded with seeds[i]: its stream gives that image's
+    start noise x_999 first and then every later draw of the sampler, so no two draws of a run share a stream, and an
+    image depends only on its own seed (not on its batch, nor on the device: the draws are made on the CPU)."""
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    def draw(like: torch.Tensor) -> torch.Tensor:  # (B, ...) standard normal, like's device and dtype
+        if like.shape[0] != len(generators):
+            raise ValueError(f"image_noise: {len(generators)} seeds but a batch of {like.shape[0]}.")
+        return torch.stack([torch.randn(like.shape[1:], generator=g) for g in generators]).to(like.device, like.dtype)
+    return draw
 
 
-def generate(bundle, unet, schedule, prompts, steps, guidance, height, width, seed=0, n=1, teacher_eta=None,
-             timings=None):
-    """Images (len(prompts)·n, 3, H, W) in [0, 1]. `unet` is a student (consistency sampling, ω-conditioned) or,
-    with `teacher_eta` set, the teacher (η = 0: DDIM, η = 1: DDPM) with classifier-free guidance ω."""
-    timings = {} if timings is None else timings
+def generate(bundle, unet, schedule, prompts, steps, guidance, height, width, seed=0, n=1, teacher_eta=None):
+    """(images (len(prompts)·n, 3, H, W) in [0, 1], {stage: seconds}). `unet` is a student (consistency sampling on
+    LCM's grid, ω-conditioned, with the boundary scalings its config records) or, with `teacher_eta` set, the teacher
+    (η = 0: DDIM, η = 1: DDPM) with classifier-free guidance ω.
+
+    Image i of the call (prompts repeated n times each, in order) is drawn from seed + i alone (image_noise), so a
+    caller that generates captions in batches, passing each batch's global index of its first image as `seed`, gets
+    each caption's image whatever the batching."""
+    timings = {}
     device = next(unet.parameters()).device
     prompts = [p for p in prompts for _ in range(n)]
     tick = _clock(device)
@@ -35,21 +50,22 @@ def generate(bundle, unet, schedule, prompts, steps, guidance, height, width, se
     factor = bundle.vae.spatial_factor
     if height % factor or width % factor:
         raise ValueError(f"--height/--width must be multiples of {factor} for this model, got {height}×{width}.")
-    # One seed per image, noise drawn on the CPU so an image is the same on every device.
-    shape = (unet.config.in_channels, height // factor, width // factor)
-    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i))
-                         for i in range(len(prompts))]).to(device, cond.dtype)
-    generator = torch.Generator(device).manual_seed(seed)
+    noise_sampler = image_noise(range(seed, seed + len(prompts)))
+    x = noise_sampler(torch.empty(len(prompts), unet.config.in_channels, height // factor, width // factor,
+                                  device=device, dtype=cond.dtype))  # x_999
     w = torch.full((len(prompts),), float(guidance), device=device)
     if teacher_eta is None:
-        latents = sample_consistency(unet, noise, cond, w, steps, schedule, generator=generator)
+        c = unet.config
+        latents = sample_consistency(unet, x, cond, w, consistency_timesteps(steps), schedule, noise_sampler,
+                                     timestep_scaling=c.timestep_scaling, sigma_data=c.sigma_data)
     else:
         uncond = bundle.encode_prompts([""])
-        latents = sample_teacher(unet, noise, cond, uncond, w, steps, teacher_eta, schedule, generator=generator)
+        latents = sample_teacher(unet, x, cond, uncond, w, teacher_timesteps(steps), schedule, noise_sampler,
+                                 eta=teacher_eta)
     timings["unet"] = tick()
     images = bundle.vae.decode(latents, fp32=True)
     timings["decode"] = tick()
-    return ((images.float() + 1) / 2).clamp(0, 1)
+    return ((images.float() + 1) / 2).clamp(0, 1), timings
 
 
 def _clock(device):
@@ -111,7 +127,7 @@ def main(argv=None):
         p.error(f"--steps {steps}: a consistency student samples in 1–8 steps (use --teacher for more)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = TOY_MODEL if toy else Path(args.model)
+    model = TOY_FOLDER if toy else Path(args.model)
     if toy:
         print(f"Using the built-in toy model ({model}): 32×32 synthetic shapes. For SD1.5 pass --model PATH "
               f"(a diffusers folder or a .safetensors/.ckpt single file) and --student FOLDER.")
@@ -130,11 +146,10 @@ def main(argv=None):
     print(f"load {tick():.2f}s")
     size = bundle.unet.config.sample_size * bundle.vae.spatial_factor  # the resolution the model was trained at
     guidance = args.guidance if args.guidance is not None else (3.0 if bundle.vae.spatial_factor == 1 else 7.5)
-    timings = {}
     with torch.no_grad():
-        images = generate(bundle, unet, NoiseSchedule(bundle.alphas_cumprod.to(device)), prompts, steps, guidance,
-                          args.height or size, args.width or size, args.seed, args.n,
-                          teacher_eta=args.eta if args.teacher else None, timings=timings)
+        images, timings = generate(bundle, unet, NoiseSchedule(bundle.alphas_cumprod.to(device)), prompts, steps,
+                                   guidance, args.height or size, args.width or size, args.seed, args.n,
+                                   teacher_eta=args.eta if args.teacher else None)
     print(" | ".join(f"{k} {v * 1000:.1f} ms" for k, v in timings.items()))
     save_grid(images, args.out, columns=args.n if len(prompts) > 1 else min(args.n, 8),
               metadata={"prompt": " | ".join(prompts), "seed": args.seed, "steps": steps, "guidance": guidance,

@@ -4,7 +4,7 @@
   - a diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/),
   - an original single file (v1-5-pruned-emaonly.safetensors or a .ckpt, read with weights_only=True); it holds
     no tokenizer, so pass `tokenizer=` (a folder with vocab.json + merges.txt, e.g. a diffusers copy's tokenizer/),
-  - the toy world's folder (toy/ in this repo): the same diffusers layout, pixel space, so without vae/.
+  - the toy world's folder (TOY_FOLDER, toy/ in this repo): the same diffusers layout, pixel space, so without vae/.
 The text encoder is transformers' CLIPTextModel (CLIP ViT-L/14 text tower), loaded strictly by our own code, so a
 missing weight is an error and never a silent random init.
 """
@@ -16,8 +16,13 @@ from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPToken
 
 from checkpoint import (LDM_TEXT_PREFIX, SUPPORTED, CheckpointError, RenamedWeights, detect_foreign,
                         find_weights_file, load_strict, open_weights, read_config)
+from sde_solver import NoiseSchedule
 from unet import UNet, load_unet
 from vae import VAE, IdentityVAE, load_vae
+
+# The shipped toy model (written by toy.py, the default model of sample.py, train.py and evaluate.py). It lives here,
+# beside the loader that reads it, because toy.py itself uses sample.py's grid writer.
+TOY_FOLDER = Path(__file__).resolve().parent / "toy"
 
 # CLIP ViT-L/14 text tower as SD1.5 uses it (its text_encoder/config.json): output (B, 77, 768).
 SD15_TEXT_CONFIG = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
@@ -51,21 +56,15 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
     return text_encoder(ids.to(text_encoder.device)).last_hidden_state
 
 
-def scaled_linear_alphas_cumprod(beta_start=0.00085, beta_end=0.012, steps=1000) -> torch.Tensor:
-    """SD1.5's training schedule: β_t = (linspace(√β_start, √β_end, 1000))², ᾱ_t = ∏ (1 − β)."""
-    betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, steps, dtype=torch.float64) ** 2
-    return torch.cumprod(1 - betas, dim=0)
-
-
 def _schedule_from_config(path: Path) -> torch.Tensor:
     """ᾱ_t from a diffusers scheduler/scheduler_config.json (SD1.5's defaults if the folder has none)."""
     if not path.is_file():
-        return scaled_linear_alphas_cumprod()
+        return NoiseSchedule.sd15().alphas_cumprod
     cfg = read_config(path)
     kind, steps = cfg.get("beta_schedule", "scaled_linear"), cfg.get("num_train_timesteps", 1000)
     start, end = cfg.get("beta_start", 0.00085), cfg.get("beta_end", 0.012)
     if kind == "scaled_linear":
-        return scaled_linear_alphas_cumprod(start, end, steps)
+        return NoiseSchedule.sd15(start, end, steps).alphas_cumprod
     if kind == "linear":
         return torch.cumprod(1 - torch.linspace(start, end, steps, dtype=torch.float64), dim=0)
     raise CheckpointError(f"{path}: beta_schedule {kind!r} is not supported (SD1.5 uses 'scaled_linear').")
@@ -145,7 +144,7 @@ def load_sd15(path, tokenizer=None, device="cpu", dtype=torch.float32, text_conf
         raise CheckpointError(f"{path}: a single-file checkpoint holds no tokenizer; {TOKENIZER_HELP}.")
     weights = open_weights(path)
     detect_foreign(weights, path)
-    alphas = weights["alphas_cumprod"].double() if "alphas_cumprod" in weights else scaled_linear_alphas_cumprod()
+    alphas = weights["alphas_cumprod"].double() if "alphas_cumprod" in weights else NoiseSchedule.sd15().alphas_cumprod
     return SD15(tokenizer=load_tokenizer(tokenizer),
                 text_encoder=load_text_encoder(path, device, dtype, config=text_config),
                 unet=load_unet(path, device, dtype, config=unet_config),

@@ -8,12 +8,15 @@ the end point of a sampler. Guidance ω is the standard classifier-free form ε_
 guidance. LCM writes the same guidance as x̂0_c + w (x̂0_c − x̂0_u), so its w is ω − 1 (LCM's w ∈ [5, 15] is
 ω ∈ [6, 16] here).
 
-Randomness enters only through an explicit `torch.Generator` or a noise tensor, so a stochastic transition can be
-replayed exactly.
+Randomness enters only through an explicit `torch.Generator`, a noise tensor, or (in the samplers) a noise sampler
+`noise_sampler(like) -> z`, standard normal and shaped like `like`, so a stochastic transition can be replayed exactly.
 """
 import math
+from typing import Callable
 
 import torch
+
+NoiseSampler = Callable[[torch.Tensor], torch.Tensor]  # like -> standard normal noise of like's shape, device, dtype
 
 
 class NoiseSchedule:
@@ -43,15 +46,13 @@ class NoiseSchedule:
     def num_timesteps(self) -> int:
         return self.alphas_cumprod.numel()
 
-    def to(self, device) -> "NoiseSchedule":
-        return NoiseSchedule(self.alphas_cumprod.to(device))
-
-    def alpha_bar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    def alpha_bar(self, t, like: torch.Tensor) -> torch.Tensor:
         """ᾱ at per-sample timesteps t (B,), shaped (B, 1, …, 1) to broadcast against `like`, in float64.
-        t = −1 gives ᾱ = 1 (the clean end point of a sampler)."""
+        t = −1 gives ᾱ = 1 (the clean end point of a sampler). Range-checked when t is on the host (see on_host)."""
+        if on_host(t) and bool(torch.any((torch.as_tensor(t) < -1) | (torch.as_tensor(t) >= self.num_timesteps))):
+            raise ValueError(f"timesteps must lie in [-1, {self.num_timesteps - 1}] (−1 = clean), got "
+                             f"{torch.as_tensor(t).tolist()}.")
         t = as_timesteps(t, like.shape[0], like.device, "t")
-        if bool(torch.any((t < -1) | (t >= self.num_timesteps))):
-            raise ValueError(f"timesteps must lie in [-1, {self.num_timesteps - 1}] (−1 = clean), got {t.tolist()}.")
         table = self.alphas_cumprod.to(like.device)
         ab = torch.where(t >= 0, table[t.clamp(min=0)], torch.ones((), dtype=torch.float64, device=like.device))
         return ab.view(-1, *([1] * (like.ndim - 1)))  # (B, 1, ..., 1)
@@ -108,7 +109,7 @@ def ddim_eta_step(x0_hat: torch.Tensor, eps_hat: torch.Tensor, t, s, schedule: N
     check_same_shape(x0_hat=x0_hat, eps_hat=eps_hat)
     t = as_timesteps(t, x0_hat.shape[0], x0_hat.device, "t")
     s = as_timesteps(s, x0_hat.shape[0], x0_hat.device, "s")
-    if bool(torch.any(s >= t)):
+    if on_host(t, s) and bool(torch.any(s >= t)):
         raise ValueError(f"a step goes down in time: every s must be < t, got t={t.tolist()}, s={s.tolist()}.")
     dtype = torch.promote_types(x0_hat.dtype, eps_hat.dtype)
     ab_s = schedule.alpha_bar(s, x0_hat)
@@ -150,21 +151,23 @@ def cfg_eps(eps_fn, x: torch.Tensor, t, cond: torch.Tensor, uncond: torch.Tensor
 def teacher_transition(eps_fn, x_tn: torch.Tensor, t_n, t_m, cond: torch.Tensor, uncond: torch.Tensor, w,
                        schedule: NoiseSchedule, eta: float, substeps: int, generator: torch.Generator | None = None,
                        noise: torch.Tensor | None = None, kind: str = "ddim") -> torch.Tensor:
-    """SCott's target solver (PAPER.md, "Idea"): carry x_{t_n} to x_{t_m} in h = `substeps` equal DDIM-η sub-steps,
-    guided ε at every sub-step and fresh noise per sub-step. η = 0, h = 1 is exactly LCM's one-step DDIM target.
+    """SCott's target solver (Liu et al. 2024, arXiv 2403.01505): carry x_{t_n} to x_{t_m} in h = `substeps` equal
+    DDIM-η sub-steps, guided ε at every sub-step and fresh noise per sub-step. η = 0, h = 1 is exactly LCM's
+    one-step DDIM target.
     t_n, t_m: ints or per-sample (B,) integer tensors with 0 ≤ t_m < t_n ≤ T−1 and (t_n − t_m) divisible by h.
     Noise: `noise` of shape (h, *x.shape), or drawn from `generator` (one draw of x's shape per sub-step)."""
     B = x_tn.shape[0]
-    t_n = as_timesteps(t_n, B, x_tn.device, "t_n")
-    t_m = as_timesteps(t_m, B, x_tn.device, "t_m")
     check_substeps(substeps)
     check_eta(eta)
-    if bool(torch.any(t_m < 0)) or bool(torch.any(t_n > schedule.num_timesteps - 1)):
+    host = on_host(t_n, t_m)
+    t_n = as_timesteps(t_n, B, x_tn.device, "t_n")
+    t_m = as_timesteps(t_m, B, x_tn.device, "t_m")
+    if host and (bool(torch.any(t_m < 0)) or bool(torch.any(t_n > schedule.num_timesteps - 1))):
         raise ValueError(f"need 0 ≤ t_m and t_n ≤ {schedule.num_timesteps - 1}, got t_n={t_n.tolist()}, "
                          f"t_m={t_m.tolist()}.")
-    if bool(torch.any(t_m >= t_n)):
+    if host and bool(torch.any(t_m >= t_n)):
         raise ValueError(f"the teacher goes down in time: need t_m < t_n, got t_n={t_n.tolist()}, t_m={t_m.tolist()}.")
-    if bool(torch.any((t_n - t_m) % substeps != 0)):
+    if host and bool(torch.any((t_n - t_m) % substeps != 0)):
         raise ValueError(f"t_n − t_m = {(t_n - t_m).tolist()} is not divisible by substeps={substeps}: the sub-steps "
                          f"must be equal; choose k a multiple of h.")
     if noise is not None and noise.shape != (substeps, *x_tn.shape):
@@ -187,31 +190,30 @@ def teacher_transition(eps_fn, x_tn: torch.Tensor, t_n, t_m, cond: torch.Tensor,
 
 # ---- full teacher samplers (baselines) -------------------------------------------------------------------------
 
-def teacher_timesteps(steps: int, num_timesteps: int = 1000, device=None) -> torch.Tensor:
+def teacher_timesteps(steps: int, num_timesteps: int = 1000) -> torch.Tensor:
     """N "trailing" timesteps round(T − i·T/N) − 1, i = 0..N−1 (Lin et al. 2024, diffusers'
     timestep_spacing="trailing"): they start at T−1 = 999, where the sampler's pure noise lives, and for N = 50 they
     are LCM's grid {999, 979, …, 19}. The sampler then steps to −1 (clean, diffusers' set_alpha_to_one=True)."""
     if not 1 <= steps <= num_timesteps:
         raise ValueError(f"steps must be in [1, {num_timesteps}], got {steps}.")
     i = torch.arange(steps, dtype=torch.float64)
-    return (torch.round(num_timesteps - i * num_timesteps / steps) - 1).long().to(device)
+    return (torch.round(num_timesteps - i * num_timesteps / steps) - 1).long()
 
 
 @torch.no_grad()
-def sample_teacher(eps_fn, noise: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, w, steps: int, eta: float,
-                   schedule: NoiseSchedule, generator: torch.Generator | None = None,
+def sample_teacher(eps_fn, x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, w, timesteps,
+                   schedule: NoiseSchedule, noise_sampler: NoiseSampler | None = None, eta: float = 0.0,
                    kind: str = "ddim") -> torch.Tensor:
-    """x0 from pure noise x_{999} = `noise` in `steps` guided DDIM-η steps over trailing timesteps: η = 0 is DDIM,
-    η = 1 is ancestral DDPM over the same (skipped) timesteps. With η > 0 one noise draw per step from `generator`."""
+    """x0 from x = x_{τ_0} in guided DDIM-η steps over descending `timesteps` τ_0 > τ_1 > … and then to clean (−1)
+    (teacher_timesteps(N) for N trailing steps from pure noise at 999): η = 0 is DDIM, η = 1 is ancestral DDPM over
+    the same (skipped) timesteps. With η > 0 one draw of `noise_sampler` per step."""
     check_eta(eta)
-    if eta > 0 and generator is None:
-        raise ValueError(f"eta={eta} > 0 needs randomness: pass `generator`.")
-    timesteps = teacher_timesteps(steps, schedule.num_timesteps, noise.device).tolist()
-    x = noise
-    for i, t in enumerate(timesteps):
-        s = timesteps[i + 1] if i + 1 < steps else -1
+    timesteps = check_timesteps(timesteps, schedule)
+    if eta > 0 and noise_sampler is None:
+        raise ValueError(f"eta={eta} > 0 needs randomness: pass `noise_sampler`.")
+    for t, s in zip(timesteps, timesteps[1:] + [-1]):
         eps = cfg_eps(eps_fn, x, t, cond, uncond, w)
-        z = randn_like(x, generator) if eta > 0 else None
+        z = draw_noise(noise_sampler, x) if eta > 0 else None
         x = ddim_eta_step(schedule.predict_x0(x, eps, t), eps, t, s, schedule, eta, z, kind)
     return x
 
@@ -246,6 +248,36 @@ def check_eta(eta: float) -> None:
 def check_substeps(substeps: int) -> None:
     if not (isinstance(substeps, int) and substeps >= 1):
         raise ValueError(f"substeps (h) must be an integer ≥ 1, got {substeps!r}.")
+
+
+def on_host(*timesteps) -> bool:
+    """Whether timesteps can be checked without waiting for an accelerator: Python numbers and CPU tensors. Checking a
+    GPU tensor's values would synchronise the host at every call of the training step's hot path; GPU timesteps
+    come from our own code (scott_loss), in range by construction, while user input arrives as numbers."""
+    return all(not isinstance(t, torch.Tensor) or t.device.type == "cpu" for t in timesteps)
+
+
+def check_timesteps(timesteps, schedule: NoiseSchedule) -> list[int]:
+    """A sampler's timesteps as a list of ints, after checking they are non-empty, strictly descending, in [0, T−1]."""
+    timesteps = [int(t) for t in timesteps]
+    if not timesteps or any(a <= b for a, b in zip(timesteps, timesteps[1:])) or \
+            not 0 <= timesteps[-1] <= timesteps[0] < schedule.num_timesteps:
+        raise ValueError(f"timesteps must be a non-empty, strictly descending list in [0, {schedule.num_timesteps - 1}]"
+                         f" (e.g. consistency_timesteps(2) or teacher_timesteps(50)), got {timesteps}.")
+    return timesteps
+
+
+def generator_noise(generator: torch.Generator) -> NoiseSampler:
+    """A noise sampler drawing the whole batch at once from one generator (as diffusers' samplers draw, so a test can
+    replay them); sample.image_noise draws each image from its own generator instead."""
+    return lambda like: randn_like(like, generator)
+
+
+def draw_noise(noise_sampler: NoiseSampler | None, like: torch.Tensor) -> torch.Tensor:
+    """One draw shaped like `like`, with a clear error where a stochastic step was given no noise sampler."""
+    if noise_sampler is None:
+        raise ValueError("this step is stochastic: pass a noise_sampler (e.g. sde_solver.generator_noise(generator)).")
+    return noise_sampler(like)
 
 
 def randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

@@ -27,12 +27,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
 from checkpoint import atomic_write
-from sd15 import encode_prompts
+from sample import save_grid
+from sd15 import TOY_FOLDER, encode_prompts
 from sde_solver import NoiseSchedule
 from unet import UNet, UNetConfig, save_unet
 
@@ -355,24 +355,13 @@ def train_teacher(cfg: TeacherConfig, out) -> None:
 
 # ---- command line -------------------------------------------------------------------------------------------------
 
-def save_image_grid(images: torch.Tensor, path, columns: int = 8) -> None:
-    """Images (N, 3, H, W) in [-1, 1] -> one PNG grid."""
-    n, _, h, w = images.shape
-    rows = -(-n // columns)
-    grid = torch.zeros(3, rows * h, columns * w)
-    for i, image in enumerate(images):
-        r, c = divmod(i, columns)
-        grid[:, r * h:(r + 1) * h, c * w:(c + 1) * w] = (image.float().clamp(-1, 1) + 1) / 2
-    Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train-teacher", help="train the toy teacher and write the toy model folder")
     for name, value in asdict(TeacherConfig()).items():
         train.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
-    train.add_argument("--out", default=str(Path(__file__).resolve().parent / "toy"))
+    train.add_argument("--out", default=str(TOY_FOLDER))
     show = sub.add_parser("show", help="write a grid of training images with their captions")
     show.add_argument("--n", type=int, default=64)
     show.add_argument("--seed", type=int, default=0)
@@ -383,7 +372,7 @@ def main(argv=None):
         train_teacher(TeacherConfig(**args), out)
     else:
         batch = make_toy_batch(args["n"], torch.Generator().manual_seed(args["seed"]))
-        save_image_grid(batch["image"], out)
+        save_grid((batch["image"] + 1) / 2, out, columns=8, metadata={"captions": json.dumps(batch["caption"])})
         print("\n".join(f"{i}: {c}" for i, c in enumerate(batch["caption"])))
         print(f"wrote {out}")
 

@@ -51,13 +51,12 @@ def run(command: list[str], log: Path, threads: int) -> None:
 
 def score(folder: Path, evaluate_flags: list[str], threads: int) -> tuple[dict, dict]:
     """`python evaluate.py FLAGS --json folder/scores.json` unless that file is there; returns ({steps: scores},
-    the data's own row). Rows are keyed by the step count in their name ("student 2 step(s) ...", "teacher ddim 50
-    steps ..."), so a scores file always reads as what it holds."""
+    the data's own row), from the step count evaluate.py records in each row."""
     scores_file = folder / "scores.json"
     if not scores_file.is_file():
         run([sys.executable, "evaluate.py", *evaluate_flags, "--json", str(scores_file)], folder / "eval.log", threads)
-    (_, data), *rows = json.loads(scores_file.read_text())
-    return {next(int(w) for w in name.split() if w.isdigit()): scores for name, scores in rows}, data
+    data, *rows = json.loads(scores_file.read_text())
+    return {row["steps"]: row["scores"] for row in rows}, data["scores"]
 
 
 def train_and_score(folder: Path, flags: str, steps: int, seed: int, threads: int) -> dict:

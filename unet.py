@@ -1,6 +1,6 @@
 """The Stable Diffusion 1.5 UNet: an ε-predictor ε(x_t, t, text) in latent space, its configs, loaders and savers.
 
-Architecture: the LDM UNet (Rombach et al. 2022, CompVis `v1-inference.yaml`, REFERENCES.md C). Each resolution level
+Architecture: the LDM UNet (Rombach et al. 2022, CompVis `v1-inference.yaml`). Each resolution level
 of the encoder is `layers_per_block` × (ResBlock → spatial transformer), then a stride-2 conv; the decoder mirrors it
 with one more ResBlock per level, each fed the matching encoder output (skip connection) concatenated on channels.
 A spatial transformer is self-attention, cross-attention to the CLIP text tokens and a GEGLU feed-forward.
@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 import torch.utils.checkpoint
 
-from consistency import guidance_embedding
 from checkpoint import (LDM_UNET_PREFIX, atomic_write, SUPPORTED, CheckpointError, RenamedWeights, detect_foreign,
                         find_weights_file, load_strict, open_weights, read_config, shape_of)
 
@@ -39,12 +38,21 @@ class UNetConfig:
     norm_groups: int = 32
     guidance_embed_dim: int = 0     # width of the ω embedding of a distilled student (LCM: 256); 0 = no ω input
     sample_size: int = 64           # latent side the model was trained at (recorded in the diffusers config)
+    # What sampling a student needs besides its weights (a student only; a teacher ignores them). Saved in its
+    # config.json, which diffusers loads all the same (it ignores keys it does not know):
+    timestep_scaling: float = 10.0  # s of the boundary scalings c_skip, c_out (consistency.boundary_scalings; LCM: 10)
+    sigma_data: float = 0.5         # σ_data of the boundary scalings (LCM: 0.5)
+    guidance_offset: float = 1.0    # the ω input embeds ω − guidance_offset: 1 is LCM's w = ω − 1, as diffusers'
+                                    # LCM pipeline feeds it, so a saved student drops into that pipeline
 
     def __post_init__(self):
         self.block_channels, self.attention_levels = tuple(self.block_channels), tuple(self.attention_levels)
         if len(self.attention_levels) != len(self.block_channels):
             raise ValueError(f"UNetConfig: attention_levels has {len(self.attention_levels)} entries but "
                              f"block_channels has {len(self.block_channels)}; give one per resolution level.")
+        if not (self.timestep_scaling > 0 and self.sigma_data > 0):
+            raise ValueError(f"UNetConfig: timestep_scaling and sigma_data must be positive (LCM: 10 and 0.5), got "
+                             f"{self.timestep_scaling} and {self.sigma_data}.")
         for c in self.block_channels:
             if c % self.norm_groups or c % self.num_heads:
                 raise ValueError(f"UNetConfig: block width {c} must be divisible by norm_groups={self.norm_groups} "
@@ -71,7 +79,9 @@ class UNetConfig:
                    norm_groups=8, sample_size=32)
 
     def to_diffusers_config(self) -> dict:
-        """The config.json of diffusers' UNet2DConditionModel for this architecture."""
+        """The config.json of diffusers' UNet2DConditionModel for this architecture; a student's also records its
+        sampling parameterisation (STUDENT_KEYS), keys diffusers ignores."""
+        student = {k: getattr(self, k) for k in STUDENT_KEYS} if self.guidance_embed_dim else {}
         return {"_class_name": "UNet2DConditionModel", "_diffusers_version": DIFFUSERS_VERSION,
                 "in_channels": self.in_channels, "out_channels": self.out_channels,
                 "block_out_channels": list(self.block_channels), "layers_per_block": self.layers_per_block,
@@ -79,7 +89,7 @@ class UNetConfig:
                 "up_block_types": [UP_TYPES[a] for a in reversed(self.attention_levels)],
                 "attention_head_dim": self.num_heads, "cross_attention_dim": self.cross_attention_dim,
                 "norm_num_groups": self.norm_groups, "time_cond_proj_dim": self.guidance_embed_dim or None,
-                "sample_size": self.sample_size, **SD1_FIXED}
+                "sample_size": self.sample_size, **SD1_FIXED, **student}
 
     @classmethod
     def from_diffusers_config(cls, config: dict, source) -> "UNetConfig":
@@ -114,7 +124,8 @@ class UNetConfig:
                        num_heads=_uniform(config["attention_head_dim"]), cross_attention_dim=cross,
                        norm_groups=config.get("norm_num_groups", 32),
                        guidance_embed_dim=config.get("time_cond_proj_dim") or 0,
-                       sample_size=config.get("sample_size") or 64)
+                       sample_size=config.get("sample_size") or 64,
+                       **{k: float(config[k]) for k in STUDENT_KEYS if k in config})
         except (ValueError, TypeError) as e:
             raise CheckpointError(f"{source}: {e}") from None
 
@@ -123,6 +134,7 @@ DIFFUSERS_VERSION = "0.30.0"  # the oldest diffusers our tests' oracle is pinned
 DOWN_TYPES = {True: "CrossAttnDownBlock2D", False: "DownBlock2D"}
 UP_TYPES = {True: "CrossAttnUpBlock2D", False: "UpBlock2D"}
 UP_OF = {DOWN_TYPES[a]: UP_TYPES[a] for a in (True, False)}
+STUDENT_KEYS = ("timestep_scaling", "sigma_data", "guidance_offset")  # UNetConfig fields a student's config.json adds
 # Settings every SD 1.x UNet has, with the value it has: any other value is another architecture (mostly SD 2.x /
 # SDXL: linear projections, several transformer layers, extra embeddings). `upcast_attention` is not here: it only
 # changes the precision attention is computed in.
@@ -144,6 +156,9 @@ def _uniform(value):
 
 # ---- embeddings ---------------------------------------------------------------------------------------------------
 
+# Two sinusoids, because each must match its own checkpoints: SD's timestep features are cos-first with frequencies
+# 10000^(−i/half) (what SD1.5's time MLP was trained on), LCM's ω embedding is sin-first with 10000^(−i/(half−1)).
+
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal features (B,) -> (B, dim): cos half then sin half, frequencies 10000^(−i/(dim/2)).
     (DDPM's embedding as SD uses it: diffusers `flip_sin_to_cos=True, freq_shift=0`.)"""
@@ -151,6 +166,26 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     angles = t.float()[:, None] * freqs[None]  # (B, half)
     return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+def sinusoidal_embedding(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """(B,) -> (B, dim): [sin(x f_i), cos(x f_i)], f_i = 10000^{−i/(half−1)}, sin half first (VDM's convention,
+    which LCM's guidance embedding follows); an odd `dim` is zero-padded. The frequencies are computed exactly as
+    diffusers' `get_guidance_scale_embedding` does, so the embedding matches it bit for bit."""
+    half = dim // 2
+    spacing = torch.log(torch.tensor(10000.0)) / (half - 1)
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=x.device) * -spacing.to(x.device))
+    angles = x.float()[:, None] * freqs[None, :]  # (B, half)
+    emb = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    return F.pad(emb, (0, dim % 2))
+
+
+def guidance_embedding(w: torch.Tensor, dim: int = 256) -> torch.Tensor:
+    """LCM's guidance embedding (diffusers get_guidance_scale_embedding): sinusoidal embedding of 1000·w, (B, dim).
+    `w` is what the network embeds: for LCM's UNets (and ours, UNetConfig.guidance_offset = 1) w = ω − 1."""
+    if w.ndim != 1:
+        raise ValueError(f"w must be a (B,) tensor of guidance scales, got shape {tuple(w.shape)}.")
+    return sinusoidal_embedding(1000.0 * w, dim)
 
 
 def zero_guidance_projection(guidance_embed_dim: int, channels: int) -> nn.Linear:
@@ -393,8 +428,8 @@ class UNet(nn.Module):
                              f"{'missing' if w is None else 'given'}. Make a student with make_student(teacher).")
         t = _per_sample(t, x, "t")
         features = timestep_embedding(t, self.config.block_channels[0]).to(x.dtype)  # (B, C0)
-        # A student embeds LCM's w = ω − 1, as diffusers' LCM pipeline does, so a saved student drops into it.
-        guidance = None if w is None else guidance_embedding(_per_sample(w, x, "w") - 1,
+        # A student embeds ω − guidance_offset (LCM's w = ω − 1 by default, see UNetConfig).
+        guidance = None if w is None else guidance_embedding(_per_sample(w, x, "w") - self.config.guidance_offset,
                                                              self.config.guidance_embed_dim).to(x.dtype)
         temb = self.time_embedding(features, guidance)  # (B, 4·C0)
 
@@ -428,16 +463,19 @@ def _per_sample(value, x, name):
     return value
 
 
-def make_student(teacher: UNet, guidance_embed_dim: int = 256) -> UNet:
+def make_student(teacher: UNet, guidance_embed_dim: int = 256, timestep_scaling: float = 10.0,
+                 sigma_data: float = 0.5) -> UNet:
     """A copy of the teacher with an ω input that starts at zero (see `zero_guidance_projection`), so it computes
-    exactly what the teacher computes until training moves it. The teacher is left unchanged."""
+    exactly what the teacher computes until training moves it. The teacher is left unchanged. The boundary scalings
+    it is trained with (`timestep_scaling`, `sigma_data`) go into its config, so that sampling uses the same ones."""
     if teacher.config.guidance_embed_dim:
         raise ValueError(f"make_student: the teacher already has an ω input (guidance_embed_dim="
                          f"{teacher.config.guidance_embed_dim}); pass an SD1.5 UNet without one.")
     if guidance_embed_dim <= 0:
         raise ValueError(f"make_student: guidance_embed_dim must be positive (LCM uses 256), got {guidance_embed_dim}.")
     student = copy.deepcopy(teacher)
-    student.config = replace(teacher.config, guidance_embed_dim=guidance_embed_dim)
+    student.config = replace(teacher.config, guidance_embed_dim=guidance_embed_dim,
+                             timestep_scaling=timestep_scaling, sigma_data=sigma_data)
     weight = teacher.conv_in.weight
     student.time_embedding.cond_proj = zero_guidance_projection(guidance_embed_dim, teacher.config.block_channels[0]
                                                                 ).to(weight.device, weight.dtype)
@@ -525,7 +563,8 @@ def load_unet(path, device="cpu", dtype=torch.float32, config: UNetConfig | None
 
 def save_unet(unet: UNet, folder, original_file: str | None = None) -> None:
     """Write `folder/config.json` + `folder/diffusion_pytorch_model.safetensors` in diffusers' layout, which
-    `UNet2DConditionModel.from_pretrained(folder)` loads unchanged (a student's ω input is `time_cond_proj_dim`).
+    `UNet2DConditionModel.from_pretrained(folder)` loads unchanged (a student's ω input is `time_cond_proj_dim`;
+    its boundary scalings and ω convention are extra keys diffusers ignores, read back by `load_unet`).
     `original_file`, a .safetensors path, also gets the UNet in the original layout (`model.diffusion_model.` keys,
     as A1111/ComfyUI read them). Each file is written to a temporary name and renamed, so none is ever half written;
     the weights go first, so a config.json never describes weights that are not there yet."""

@@ -1,14 +1,17 @@
-"""consistency.py: LCM's boundary scalings, ω embedding, timesteps and sampler (diffusers as the oracle); the SCott
-loss is zero for an exact consistency function and its gradient reaches the student only; EMA; clear errors."""
+"""consistency.py: LCM's boundary scalings, timesteps and samplers (diffusers as the oracle); the SCott loss is zero
+for an exact consistency function, its gradient reaches the student only, and its teacher transition is the
+configured one (η, h, noise kind); EMA; clear errors."""
 import copy
+from functools import partial
 
 import pytest
 import torch
 from diffusers import LCMScheduler, TCDScheduler
 
 from consistency import (ConsistencyConfig, boundary_scalings, consistency_fn, consistency_timesteps, ema_update,
-                         guidance_embedding, sample_consistency, scott_loss)
-from sde_solver import NoiseSchedule, teacher_transition
+                         renoise_tcd, sample_consistency, sample_timesteps, scott_loss)
+from sde_solver import NoiseSchedule, generator_noise, randn_like, teacher_transition
+from unet import guidance_embedding
 
 SD15 = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
 
@@ -49,20 +52,8 @@ def test_boundary_scalings_equal_lcm_and_f_at_zero_is_identity(schedule):
     assert c_skip[0] == 1 and c_out[0] == 0
     x = torch.randn(2, 4, 8, 8)
     f0 = consistency_fn(TinyEps(), x, torch.zeros(2, dtype=torch.long), torch.randn(2, 3), torch.tensor([2.0, 7.0]),
-                        schedule, ConsistencyConfig())
+                        schedule)
     assert torch.equal(f0, x)  # f(x, 0) = x exactly
-
-
-def test_guidance_embedding_equals_lcm_pipeline():
-    from diffusers.pipelines.latent_consistency_models.pipeline_latent_consistency_text2img import (
-        LatentConsistencyModelPipeline)
-    w = torch.tensor([0.0, 1.5, 7.5, 14.0])
-    expected = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w, embedding_dim=256)
-    got = guidance_embedding(w, 256)
-    assert got.shape == (4, 256)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
-    odd = guidance_embedding(w, 7)
-    assert odd.shape == (4, 7) and torch.all(odd[:, -1] == 0)
 
 
 @pytest.mark.parametrize("steps", range(1, 9))
@@ -81,7 +72,8 @@ def test_lcm_sampler_equals_diffusers_loop(schedule):
     x, gen = noise, torch.Generator().manual_seed(1)
     for t in ref.timesteps:
         x, denoised = ref.step(student(x, t.expand(2), cond, w), t, x, generator=gen, return_dict=False)
-    got = sample_consistency(student, noise, cond, w, 4, schedule, generator=torch.Generator().manual_seed(1))
+    got = sample_consistency(student, noise, cond, w, consistency_timesteps(4), schedule,
+                             generator_noise(torch.Generator().manual_seed(1)))
     torch.testing.assert_close(got, denoised, rtol=1e-4, atol=1e-4)
 
 
@@ -98,21 +90,40 @@ def test_tcd_sampler_follows_diffusers_tcd(schedule, gamma):
         x = ref.step(student(x, t.expand(2), cond, w), t, x, eta=gamma, generator=gen).prev_sample
     t_last = ref.timesteps[-1].expand(2)
     expected = schedule.predict_x0(x, student(x, t_last, cond, w), t_last)
-    got = sample_consistency(student, noise, cond, w, 4, schedule, generator=torch.Generator().manual_seed(3),
-                             gamma=gamma)
+    tcd = partial(renoise_tcd, gamma=gamma)
+    got = sample_consistency(student, noise, cond, w, ref.timesteps, schedule,
+                             generator_noise(torch.Generator().manual_seed(3)), renoise=tcd)
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
-    if gamma == 0:  # deterministic: no generator needed
-        torch.testing.assert_close(sample_consistency(student, noise, cond, w, 4, schedule, gamma=0.0), got)
+    if gamma == 0:  # deterministic: no noise sampler needed
+        torch.testing.assert_close(sample_consistency(student, noise, cond, w, ref.timesteps, schedule, renoise=tcd),
+                                   got)
+
+
+def test_sampler_uses_the_given_boundary_scalings(schedule):
+    """The sampler's f = c_skip x + c_out x̂0 takes the student's own scalings: a 1-step sample is exactly that."""
+    student, g = TinyEps(), torch.Generator().manual_seed(4)
+    x, cond, w = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 3, generator=g), torch.tensor([4.0, 8.0])
+    t = torch.tensor([999, 999])
+    for scaling, sigma in ((10.0, 0.5), (1e-3, 0.5), (1e-3, 2.0)):
+        c_skip, c_out = boundary_scalings(t, scaling, sigma)
+        expected = (c_skip.view(-1, 1, 1, 1) * x + c_out.view(-1, 1, 1, 1) *
+                    schedule.predict_x0(x, student(x, t, cond, w), t)).float()
+        got = sample_consistency(student, x, cond, w, [999], schedule, timestep_scaling=scaling, sigma_data=sigma)
+        torch.testing.assert_close(got, expected)
+    default = sample_consistency(student, x, cond, w, [999], schedule)
+    assert (default - got).abs().max() > 0.1  # at s·t = 1 the scalings matter
 
 
 def test_sampler_bad_input(schedule):
     x, cond = torch.randn(1, 4, 4, 4), torch.randn(1, 3)
-    with pytest.raises(ValueError, match="steps must be in"):
-        sample_consistency(TinyEps(), x, cond, 2.0, 0, schedule)
-    with pytest.raises(ValueError, match="Generator"):
-        sample_consistency(TinyEps(), x, cond, 2.0, 2, schedule)  # LCM re-noising is random
+    for bad in ([], [499, 999], [999, 999], [1000, 499], [999, -1]):
+        with pytest.raises(ValueError, match="strictly descending"):
+            sample_consistency(TinyEps(), x, cond, 2.0, bad, schedule)
+    with pytest.raises(ValueError, match="noise_sampler"):
+        sample_consistency(TinyEps(), x, cond, 2.0, [999, 499], schedule)  # LCM re-noising is random
     with pytest.raises(ValueError, match="gamma"):
-        sample_consistency(TinyEps(), x, cond, 2.0, 2, schedule, torch.Generator(), gamma=1.5)
+        sample_consistency(TinyEps(), x, cond, 2.0, [999, 499], schedule, generator_noise(torch.Generator()),
+                           renoise=partial(renoise_tcd, gamma=1.5))
 
 
 # ---- the SCott loss ----------------------------------------------------------------------------------------------
@@ -208,6 +219,31 @@ def test_loss_samples_timesteps_and_guidance_as_configured(schedule):
     torch.testing.assert_close(huber.loss, ((diff ** 2 + 1e-6).sqrt() - 1e-3).mean())
 
 
+def test_loss_target_is_the_configured_teacher_transition(schedule):
+    """x_target = f_θ⁻(z_{t_m}, t_m) where z_{t_m} is teacher_transition with the config's η, h and noise kind, replayed
+    from the same generator draws (timesteps, ω, ε, then the teacher's noise). A loss that silently ran CD (η = 0, or
+    h = 1, or the DDIM noise kind) would give another target."""
+    cfg = ConsistencyConfig(eta=0.3, substeps=3, noise_kind="er_sde", w_min=2.0, w_max=6.0)
+    student, target, teacher = TinyEps(seed=0), TinyEps(seed=3), TinyEps(seed=1)
+    eps_teacher = lambda x, t, c: teacher(x, t, c)  # noqa: E731
+    g = torch.Generator().manual_seed(9)
+    z0, cond, uncond = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 3, generator=g), torch.zeros(1, 3)
+    res = scott_loss(student, target, eps_teacher, z0, cond, uncond, schedule, cfg, torch.Generator().manual_seed(10))
+
+    def replay(eta, substeps, kind):
+        g = torch.Generator().manual_seed(10)
+        t_n, t_m = sample_timesteps(4, cfg, g, z0.device)
+        w = cfg.w_min + (cfg.w_max - cfg.w_min) * torch.rand(4, generator=g)
+        z_tn = schedule.add_noise(z0, randn_like(z0, g), t_n)
+        z_tm = teacher_transition(eps_teacher, z_tn, t_n, t_m, cond, uncond, w, schedule, eta, substeps, generator=g,
+                                  kind=kind)
+        return consistency_fn(target, z_tm, t_m, cond, w, schedule, cfg.timestep_scaling, cfg.sigma_data)
+    with torch.no_grad():
+        torch.testing.assert_close(res.x_target, replay(0.3, 3, "er_sde"), rtol=0, atol=0)
+        for cd in ((0.0, 3, "er_sde"), (0.3, 1, "er_sde"), (0.3, 3, "ddim")):
+            assert (res.x_target - replay(*cd)).abs().max() > 1e-3, cd
+
+
 def test_config_and_loss_bad_input(schedule):
     for bad, match in ((dict(k=24, substeps=5), "multiple of h"), (dict(k=1000), r"\[1, 999\]"),
                        (dict(substeps=0), "substeps"), (dict(eta=1.2), "eta"), (dict(loss="l1"), "loss"),
@@ -222,7 +258,7 @@ def test_config_and_loss_bad_input(schedule):
                    schedule, ConsistencyConfig(), torch.Generator())
     with pytest.raises(ValueError, match="student returned shape"):
         consistency_fn(lambda x, t, c, w: x[:, :1], torch.randn(2, 4, 2, 2), torch.tensor([5, 6]), None,
-                       torch.ones(2), schedule, ConsistencyConfig())
+                       torch.ones(2), schedule)
 
 
 # ---- EMA ---------------------------------------------------------------------------------------------------------

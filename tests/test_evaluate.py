@@ -1,6 +1,8 @@
 """Toy metrics: the Fréchet distance is the textbook formula, and the shipped classifier (toy/classifier.safetensors,
 regenerate with `python evaluate.py train-classifier`) tells real synthetic images from noise and from images made
 for another prompt."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -128,6 +130,8 @@ def test_command_line_scores_the_shipped_models(tmp_path, capsys):
         (tmp_path / who).mkdir()
         evaluate.main([*flags, "--n-per-prompt", "1", "--json", str(tmp_path / who / "scores.json")])
     out = capsys.readouterr().out
+    rows = json.loads((tmp_path / "student" / "scores.json").read_text())
+    assert [row["steps"] for row in rows] == [None, 1]  # toy_table reads the step count, not the row's label
     assert "| data (fresh synthetic)" in out and "| teacher ddim 2 steps" in out and "| student 1 step(s)" in out
     teacher, data = toy_table.score_teacher(tmp_path / "teacher", threads=1)  # reads the JSON, runs nothing
     student = toy_table.train_and_score(tmp_path / "student", "", steps=1, seed=0, threads=1)

@@ -5,7 +5,8 @@ import torch
 from safetensors.torch import save_file
 
 from checkpoint import LDM_TEXT_PREFIX, LDM_UNET_PREFIX, LDM_VAE_PREFIX, CheckpointError
-from sd15 import encode_prompts, load_sd15, load_text_encoder, load_tokenizer, scaled_linear_alphas_cumprod
+from sd15 import encode_prompts, load_sd15, load_text_encoder, load_tokenizer
+from sde_solver import NoiseSchedule
 from tiny_models import (reference_text_encoder, tiny_text_config, v4_keys, write_text_encoder_folder,
                          write_tiny_sd15, write_tokenizer)
 from unet import UNetConfig, ldm_unet_key_map
@@ -54,7 +55,7 @@ def original_single_file(path, unet, vae, text):
         sd[LDM_VAE_PREFIX + ldm] = v[..., None, None] if is_attention_matrix else v  # stored as 1×1 convs
     sd.update({LDM_TEXT_PREFIX + k: v for k, v in v4_keys(text).items()})
     sd[LDM_TEXT_PREFIX + "text_model.embeddings.position_ids"] = torch.arange(77)[None]
-    sd["alphas_cumprod"] = scaled_linear_alphas_cumprod().float()
+    sd["alphas_cumprod"] = NoiseSchedule.sd15().alphas_cumprod.float()
     sd["betas"] = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2
     sd["model_ema.decay"] = torch.tensor(0.9999)
     save_file({k: v.contiguous() for k, v in sd.items()}, str(path))

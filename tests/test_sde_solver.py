@@ -5,8 +5,8 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from gmm2d import GaussianMixture
-from sde_solver import (NoiseSchedule, cfg_eps, ddim_eta_step, sample_teacher, teacher_timesteps, teacher_transition,
-                        transition_std)
+from sde_solver import (NoiseSchedule, cfg_eps, ddim_eta_step, generator_noise, sample_teacher, teacher_timesteps,
+                        teacher_transition, transition_std)
 
 SD15 = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
 
@@ -44,6 +44,22 @@ def test_schedule_rejects_wrong_tensors():
     betas = torch.linspace(0.00085, 0.012, 1000)
     with pytest.raises(ValueError, match="decrease"):
         NoiseSchedule(betas)  # betas instead of alphas_cumprod
+
+
+def test_timesteps_are_checked_on_the_host_only(schedule):
+    """Out-of-range timesteps from the host (ints, CPU tensors) are clear errors; device tensors are not read back
+    (that would synchronise with the device at every call). A meta tensor, whose values cannot be read at all,
+    stands in for a GPU tensor: ᾱ and a whole teacher transition must work without reading them."""
+    x = torch.zeros(2, 3)
+    for bad in (1000, -2, torch.tensor([5, 1000])):
+        with pytest.raises(ValueError, match=r"timesteps must lie in \[-1, 999\]"):
+            schedule.alpha_bar(bad, x)
+    meta = torch.zeros(2, 3, device="meta")
+    assert schedule.alpha_bar(torch.tensor([5, 7], device="meta"), meta).shape == (2, 1)
+    eps_fn = lambda x, t, c: x  # noqa: E731
+    z = teacher_transition(eps_fn, meta, torch.tensor([30, 60], device="meta"), torch.tensor([6, 36], device="meta"),
+                           meta, meta[:1], 2.0, schedule, 0.3, 3, noise=torch.zeros(3, 2, 3, device="meta"))
+    assert z.shape == (2, 3) and z.device.type == "meta"
 
 
 def test_add_noise_and_predict_x0_invert_each_other(schedule):
@@ -121,8 +137,13 @@ def test_full_teacher_samplers_equal_diffusers_loops(schedule):
         x, gen = noise, torch.Generator().manual_seed(4)
         for t in ref.timesteps:
             x = ref.step(guided(x, t), t, x, generator=gen).prev_sample
-        got = sample_teacher(eps_fn, noise, cond, uncond, 7.5, 10, eta, schedule, torch.Generator().manual_seed(4))
+        got = sample_teacher(eps_fn, noise, cond, uncond, 7.5, teacher_timesteps(10), schedule,
+                             generator_noise(torch.Generator().manual_seed(4)), eta)
         torch.testing.assert_close(got, x, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="noise_sampler"):
+        sample_teacher(eps_fn, noise, cond, uncond, 7.5, teacher_timesteps(10), schedule, eta=1.0)
+    with pytest.raises(ValueError, match="strictly descending"):
+        sample_teacher(eps_fn, noise, cond, uncond, 7.5, [499, 999], schedule)
 
 
 def test_teacher_timesteps_are_trailing():
@@ -244,8 +265,8 @@ def test_50_step_teacher_samplers_reproduce_the_mixture(schedule, eta):
     mixture = GaussianMixture.ring()
     n, g = 8000, torch.Generator().manual_seed(9)
     noise, zeros = torch.randn(n, 2, dtype=torch.float64, generator=g), torch.zeros(1, 2, dtype=torch.float64)
-    x = sample_teacher(mixture.teacher(schedule), noise, zeros.expand(n, -1), zeros, 1.0, 50, eta, schedule,
-                       generator=torch.Generator().manual_seed(10))
+    x = sample_teacher(mixture.teacher(schedule), noise, zeros.expand(n, -1), zeros, 1.0, teacher_timesteps(50),
+                       schedule, generator_noise(torch.Generator().manual_seed(10)), eta)
     truth = mixture.sample(n, torch.Generator().manual_seed(11))[0]
     for a, b in zip(moments(x), moments(truth)):
         torch.testing.assert_close(a, b, rtol=0, atol=0.06)
@@ -253,8 +274,8 @@ def test_50_step_teacher_samplers_reproduce_the_mixture(schedule, eta):
     torch.testing.assert_close(freq, mixture.weights, rtol=0, atol=0.02)
     # conditional sampling: class 1 only, with the class's own weights
     labels = torch.ones(n, dtype=torch.long)
-    x1 = sample_teacher(mixture.teacher(schedule), noise, mixture.one_hot(labels), zeros, 1.0, 50, eta, schedule,
-                        generator=torch.Generator().manual_seed(12))
+    x1 = sample_teacher(mixture.teacher(schedule), noise, mixture.one_hot(labels), zeros, 1.0, teacher_timesteps(50),
+                        schedule, generator_noise(torch.Generator().manual_seed(12)), eta)
     freq1 = torch.bincount(mixture.assign(x1), minlength=8).double() / n
     in_class = mixture.weights * (mixture.classes == 1)
     torch.testing.assert_close(freq1, in_class / in_class.sum(), rtol=0, atol=0.02)

@@ -8,7 +8,7 @@ import torch
 import evaluate
 import toy
 from sd15 import load_sd15
-from sde_solver import NoiseSchedule, sample_teacher
+from sde_solver import NoiseSchedule, sample_teacher, teacher_timesteps
 
 SHIPPED = Path(__file__).resolve().parent.parent / "toy"
 
@@ -191,7 +191,8 @@ def test_shipped_teacher_loads_and_samples_images():
     cond = bundle.encode_prompts(["a red circle on the left", "a blue square at the top"])
     uncond = bundle.encode_prompts([""])
     noise = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    images = sample_teacher(bundle.unet, noise, cond, uncond, 3.0, 4, 0.0, NoiseSchedule(bundle.alphas_cumprod))
+    images = sample_teacher(bundle.unet, noise, cond, uncond, 3.0, teacher_timesteps(4),
+                            NoiseSchedule(bundle.alphas_cumprod))
     assert images.shape == (2, 3, 32, 32) and bool(torch.isfinite(images).all())
     total = sum(f.stat().st_size for f in SHIPPED.rglob("*") if f.is_file())
     assert total < 20e6, f"toy/ holds {total / 1e6:.1f} MB; the shipped weights must stay small"
@@ -207,7 +208,7 @@ def test_shipped_teacher_makes_clean_samples_that_follow_the_prompt():
     noise = torch.randn(len(prompts), 3, 32, 32, generator=torch.Generator().manual_seed(0))
     cond, uncond = bundle.encode_prompts(prompts), bundle.encode_prompts([""])
     with torch.no_grad():
-        images = sample_teacher(bundle.unet, noise, cond, uncond, 3.0, 25, 0.0,
+        images = sample_teacher(bundle.unet, noise, cond, uncond, 3.0, teacher_timesteps(25),
                                 NoiseSchedule(bundle.alphas_cumprod))
     scores = evaluate.evaluate_samples(images, prompts)
     assert scores["acc_colour"] >= 0.95 and scores["acc_position"] >= 0.95
@@ -220,6 +221,6 @@ def test_shipped_student_follows_prompts_in_two_steps():
     scored by the shipped classifier. Measured: accuracy 0.94 and 0.92, FD 55 and 47 (seeds 0 and 5); fresh data at
     this sample size scores FD 8.7, the teacher's single DDIM step 0.36 and FD 820."""
     rows = evaluate.evaluate_models(SHIPPED, SHIPPED / "student", steps=[2], n_per_prompt=2)
-    scores = dict(rows)["student 2 step(s) ω=3.0"]
+    scores = next(row["scores"] for row in rows if row["steps"] == 2)
     assert scores["acc_colour"] >= 0.95 and scores["acc_position"] >= 0.95
     assert scores["acc_all"] >= 0.85 and scores["fd"] <= 100

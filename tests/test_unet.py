@@ -16,8 +16,7 @@ from diffusers.pipelines.latent_consistency_models.pipeline_latent_consistency_t
 from safetensors.torch import load_file, save_file
 
 from checkpoint import LDM_UNET_PREFIX, CheckpointError, load_strict
-from consistency import guidance_embedding
-from unet import UNet, UNetConfig, ldm_unet_key_map, load_unet, make_student, save_unet
+from unet import UNet, UNetConfig, guidance_embedding, ldm_unet_key_map, load_unet, make_student, save_unet
 
 TINY = UNetConfig.tiny()
 CONFIGS = {  # every structural choice the config allows, at a few hundred thousand parameters each
@@ -28,6 +27,7 @@ CONFIGS = {  # every structural choice the config allows, at a few hundred thous
     "attention-everywhere": UNetConfig(block_channels=(16, 32), layers_per_block=1, attention_levels=(True, True),
                                        num_heads=1, cross_attention_dim=8, norm_groups=4),
     "student": replace(TINY, guidance_embed_dim=16),
+    "student-embeds-omega": replace(TINY, guidance_embed_dim=16, guidance_offset=0.0),  # ω itself, not LCM's ω − 1
 }
 
 
@@ -59,7 +59,7 @@ def inputs(cfg: UNetConfig, batch=2, size=(8, 8), seed=1):
 
 @torch.no_grad()
 def run_reference(ref, cfg, x, t, context, w):
-    cond = None if w is None else guidance_embedding(w - 1, cfg.guidance_embed_dim)  # the UNet embeds ω − 1
+    cond = None if w is None else guidance_embedding(w - cfg.guidance_offset, cfg.guidance_embed_dim)  # LCM: ω − 1
     return ref(x, t, encoder_hidden_states=context, timestep_cond=cond).sample
 
 
@@ -101,10 +101,12 @@ def test_full_sd15_matches_diffusers():
 
 
 def test_guidance_embedding_is_lcm_pipelines():
-    w = torch.tensor([1.0, 3.5, 8.0, 15.0])
+    w = torch.tensor([0.0, 1.0, 3.5, 8.0, 15.0])
     for dim in (256, 15):
         ref = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w, embedding_dim=dim)
         assert torch.equal(guidance_embedding(w, dim), ref)
+    odd = guidance_embedding(w, 7)
+    assert odd.shape == (5, 7) and torch.all(odd[:, -1] == 0)
 
 
 # ---- the original (LDM) layout ------------------------------------------------------------------------------------
@@ -179,13 +181,17 @@ def test_loads_folders_diffusers_wrote(tmp_path, safe):
 
 
 def test_saved_student_runs_unchanged_in_diffusers(tmp_path):
+    """Its config.json also records how to sample it (boundary scalings, ω convention): keys diffusers ignores."""
     teacher = ours_from(reference_unet(TINY), TINY)
-    student = make_student(teacher, guidance_embed_dim=16)
+    student = make_student(teacher, guidance_embed_dim=16, timestep_scaling=3.0, sigma_data=0.25)
     with torch.no_grad():
         student.time_embedding.cond_proj.weight.normal_()  # as if trained: ω now matters
     save_unet(student, tmp_path / "student")
     config = json.loads((tmp_path / "student" / "config.json").read_text())
     assert config["_class_name"] == "UNet2DConditionModel" and config["time_cond_proj_dim"] == 16
+    assert (config["timestep_scaling"], config["sigma_data"], config["guidance_offset"]) == (3.0, 0.25, 1.0)
+    loaded = load_unet(tmp_path / "student")
+    assert loaded.config == student.config and loaded.config.timestep_scaling == 3.0
     ref = UNet2DConditionModel.from_pretrained(tmp_path / "student").eval()
     x, t, context, w = inputs(student.config)
     with torch.no_grad():
@@ -198,8 +204,12 @@ def test_saved_student_runs_unchanged_in_diffusers(tmp_path):
 
 
 def test_config_roundtrip_and_presets():
-    for cfg in [UNetConfig.sd15(), UNetConfig.toy(), *CONFIGS.values()]:
+    scaled = replace(CONFIGS["student"], timestep_scaling=3.0, sigma_data=0.25)
+    for cfg in [UNetConfig.sd15(), UNetConfig.toy(), *CONFIGS.values(), scaled]:
         assert UNetConfig.from_diffusers_config(cfg.to_diffusers_config(), "test") == cfg
+    assert "timestep_scaling" not in TINY.to_diffusers_config()  # a teacher's config.json stays diffusers' own
+    with pytest.raises(ValueError, match="timestep_scaling and sigma_data must be positive"):
+        replace(TINY, sigma_data=0.0)
     toy = sum(p.numel() for p in UNet(UNetConfig.toy()).parameters())
     print(f"toy UNet: {toy / 1e6:.1f}M parameters")
     assert 1e6 <= toy <= 3e6  # small enough to train and distil on a 2-core CPU
