@@ -36,11 +36,14 @@ How the data is split, and why a resumed stream is exact:
   (ms each); the latent cache fast-forwards by index arithmetic alone.
 """
 import bisect
+import bz2
 import dataclasses
+import gzip
 import hashlib
 import io
 import itertools
 import json
+import lzma
 import os
 import sys
 import tarfile
@@ -201,14 +204,14 @@ def resize_and_crop(image: Image.Image, resolution: int, crop: tuple[float, floa
 
 # ---- sources -------------------------------------------------------------------------------------------------------
 
-def read_capped(file, ext: str) -> bytes:
-    """The bytes of an open file (or tar member) with extension `ext`, or SkipSample if it exceeds its cap.
-
-    At most cap + 1 bytes are read, so an oversized file never reaches memory whole."""
+def read_capped(file, ext: str, size: int) -> bytes:
+    """The bytes of an open file (or tar member) with extension `ext` and stated `size`, or SkipSample if it exceeds
+    the cap for its kind. At most size + 1 <= cap + 1 bytes are read (the + 1 catches a file that grew since its size
+    was taken), so an oversized file never reaches memory, and no buffer is sized by the cap."""
     cap = MAX_CAPTION_BYTES if ext in CAPTION_EXTS else MAX_IMAGE_BYTES
-    data = file.read(cap + 1)
-    if len(data) > cap:
-        raise SkipSample(f"the .{ext} file is larger than {cap} bytes, the cap for {ext} files; not read")
+    data = b"" if size > cap else file.read(size + 1)
+    if size > cap or len(data) > cap:
+        raise SkipSample(f"the .{ext} file is larger than {cap} bytes, the cap for .{ext} files; not read")
     return data
 
 
@@ -219,7 +222,7 @@ def read_file_record(path: Path) -> Record:
         for ext, file in ((path.suffix[1:].lower(), path), *((e, path.with_suffix("." + e)) for e in CAPTION_EXTS)):
             if file == path or file.is_file():
                 with open(file, "rb") as f:
-                    files[ext] = read_capped(f, ext)
+                    files[ext] = read_capped(f, ext, os.fstat(f.fileno()).st_size)
     except OSError as e:
         return Record(str(path), {}, error=f"unreadable file ({e})")
     except SkipSample as why:
@@ -235,7 +238,7 @@ def read_tar_records(path: Path):
     """
     key, files, problem = None, {}, ""
     try:
-        with tarfile.open(path, mode="r|*") as tar:  # "r|": sequential reads only, no seeking; "*": any compression
+        with open_shard(path) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:  # "r|": no seeking
             for member in tar:
                 folder, base = os.path.split(member.name)
                 if not member.isfile() or base.startswith("."):  # directories, macOS "._x" files
@@ -248,7 +251,7 @@ def read_tar_records(path: Path):
                     key, files, problem = member_key, {}, ""
                 if ext in IMAGE_EXTS + CAPTION_EXTS and not problem:
                     try:
-                        files[ext] = read_capped(tar.extractfile(member), ext)
+                        files[ext] = read_capped(tar.extractfile(member), ext, member.size)
                     except SkipSample as why:
                         problem = str(why)
     except Exception as e:  # tarfile, gzip, zlib, lzma and OSError all signal damage; none may end the run
@@ -257,6 +260,20 @@ def read_tar_records(path: Path):
         return
     if key is not None:
         yield Record(f"{path}:{key}", files, error=problem)
+
+
+def open_shard(path: Path):
+    """A shard as a stream of tar bytes, decompressed if it is gzip, bzip2 or xz (told by its first bytes).
+
+    The compression modules decompress in bounded steps, so passing over a huge member costs time linear in its
+    size and little memory; tarfile's own "r|gz" decompresses unbounded chunks and copies them again per block.
+    """
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    for prefix, opener in ((b"\x1f\x8b", gzip.open), (b"BZh", bz2.open), (b"\xfd7zXZ\x00", lzma.open)):
+        if magic.startswith(prefix):
+            return opener(path, "rb")
+    return open(path, "rb")
 
 
 def shuffle_buffer(items, size: int, generator: torch.Generator):
