@@ -2,8 +2,9 @@
 
 Three sources, one stream of fixed-size batches:
     folder  cat.jpg + cat.txt (or cat.json holding "caption" or "text"), searched recursively
-    shards  a folder of *.tar, or one .tar, in the webdataset / img2dataset layout: key.jpg|jpeg|png|webp next to
-            key.txt or key.json, read with the standard library's tarfile, one shard after the other (streamed)
+    shards  a folder of *.tar, or one .tar, in the webdataset / img2dataset layout: key.jpg|jpeg|png|webp (or
+            bmp, gif, tif, tiff) next to key.txt or key.json, plain or gzip/bzip2/xz-compressed, read with the
+            standard library's tarfile, one shard after the other (streamed)
     cache   a folder written by build_latent_cache(): VAE latents + text embeddings, so long runs skip VAE and CLIP
 
     loader = make_loader(DataConfig(path="/data/laion"), batch_size=10, rank=rank, world_size=world)
@@ -147,7 +148,8 @@ def to_8_bit(image: Image.Image) -> Image.Image:
 def open_image(data: bytes, min_size: int, resolution: int) -> Image.Image:
     """Decode an image fully, to RGB, or raise SkipSample.
 
-    Only IMAGE_FORMATS are tried, by content. PIL's LOAD_TRUNCATED_IMAGES stays off, so a truncated file fails at once instead of yielding a grey half-image.
+    Only IMAGE_FORMATS are tried, by content. PIL's LOAD_TRUNCATED_IMAGES stays off, so a truncated file fails at
+    once instead of yielding a grey half-image.
     A decompression bomb (more pixels than Image.MAX_IMAGE_PIXELS) is refused from its header, before decoding.
     JPEGs are decoded at a reduced scale when that still leaves both sides >= resolution (PIL's draft mode): nearly
     the same result after the resize below, at a fraction of the cost for large photos. A camera's EXIF orientation is

@@ -8,7 +8,8 @@ brings SD's latents to roughly unit variance (0.18215: `scale_factor` of CompVis
 
 Modules carry diffusers' AutoencoderKL names (`encoder.down_blocks.0.resnets.0.norm1`, `decoder.up_blocks...`), so a
 diffusers `vae/` folder loads by name; an original single file goes through `ldm_vae_key_map`, a table generated from
-the config (the renaming diffusers' convert_ldm_vae_checkpoint does). Loading builds the model on the meta device and fills it with checkpoint.load_strict.
+the config (the renaming diffusers' convert_ldm_vae_checkpoint does). Loading builds the model on the meta device
+and fills it with checkpoint.load_strict.
 """
 import json
 import re
