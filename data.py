@@ -525,7 +525,8 @@ class LatentCacheDataset(ReaderStream):
     """Batches {"latent", "text_embedding", "caption"} from a cache folder written by build_latent_cache.
 
     Same readers, epochs, drop-last batches and resume as the image stream; every epoch is a full permutation
-    (rows are read at random from memory-mapped shards), and nothing is ever skipped.
+    (rows are read at random from memory-mapped shards), and nothing is ever skipped. The manifest and every shard's
+    header are checked at construction (a damaged cache fails before training starts, naming the file).
     """
 
     def __init__(self, cfg: DataConfig, batch_size: int, rank: int = 0, world_size: int = 1, start_batch: int = 0):
