@@ -7,9 +7,13 @@ Every loader in the project (unet.py, vae.py, sd15.py) goes through this file, s
   - `load_strict` checks every key and every shape *before* touching the module, then assigns tensors one at a
     time, converted straight to the target dtype. Modules are built on the meta device, so a 4 GB checkpoint needs
     little more RAM than the model it fills. There is never a partial load.
+  - Only regular files are opened (a FIFO or device named like a weight file would block or never end), and an empty
+    file is refused by its size.
+  - config.json values are checked with `require` (type, range, consistency) before a model is built from them.
 Every failure is a `CheckpointError` that names the file, the first offending key, expected vs found, and what to do.
 """
 import json
+import math
 import os
 import zipfile
 from collections.abc import Mapping
@@ -36,7 +40,6 @@ class LazyWeights(Mapping):
     """Read-only name -> tensor view of a safetensors file; each tensor is read from the mmap when indexed."""
 
     def __init__(self, path: Path):
-        self.path = path
         self._file = safe_open(str(path), framework="pt", device="cpu")
         self._keys = list(self._file.keys())
         self._key_set = set(self._keys)
@@ -65,13 +68,25 @@ def shape_of(weights: Mapping, key) -> tuple:
     return weights.shape(key) if hasattr(weights, "shape") else tuple(weights[key].shape)
 
 
+def check_regular_file(path: Path, what: str) -> None:
+    """Refuse a missing path, a folder, or anything but a regular file (FIFO, socket, device) before it is opened:
+    opening a FIFO blocks until someone writes to it, and a device may never end."""
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder. Expected {what}.")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; expected {what} (a file).")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a regular file (a FIFO, socket or device?); expected {what}. Point to "
+                              "the file itself, or copy it to disk.")
+
+
 def open_weights(path) -> Mapping:
     """Open a weight file as a lazy mapping of names to tensors (see module docstring for the safety rules)."""
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or folder. Expected {SUPPORTED}.")
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a folder; open_weights expects a weight file inside it.")
+    check_regular_file(path, f"a weight file (.safetensors or {'/'.join(PICKLE_SUFFIXES)}) of {SUPPORTED}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: the file is empty (0 bytes), perhaps an interrupted download or copy: "
+                              "download or copy it again.")
     if path.suffix == ".safetensors":
         try:
             return LazyWeights(path)
@@ -89,8 +104,9 @@ def _load_pickle(path: Path) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # torch raises many types for bad pickles: report them all the same way
+        first_line = (str(e).splitlines() or ["no message"])[0][:300]
         raise CheckpointError(f"{path}: cannot be read as a weights-only PyTorch checkpoint ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:300]}). It may be truncated, corrupt, or contain code "
+                              f"{first_line}). It may be truncated, corrupt, or contain code "
                               f"objects, which are never unpickled here. Convert it to .safetensors.") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]  # Lightning-style wrapper of the original SD checkpoints
@@ -112,17 +128,66 @@ def find_weights_file(folder, stems=("diffusion_pytorch_model", "model")) -> Pat
 
 
 def read_config(path) -> dict:
-    """A JSON config file as a dict, with a clear error if it is missing or malformed."""
+    """A JSON config file as a dict, with a clear error if it is missing, not a regular file, or malformed.
+    Check its values with `require`."""
     path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: missing. A diffusers component folder needs its config.json.")
+    check_regular_file(path, "a JSON config file")
     try:
         config = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing. A diffusers component folder needs its config.json.") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e}).") from None
+    except (ValueError, RecursionError) as e:  # JSON syntax, not UTF-8, nested too deeply
+        raise CheckpointError(f"{path}: not valid JSON ({type(e).__name__}: {e}).") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: expected a JSON object, found {type(config).__name__}.")
     return config
+
+
+REQUIRED = object()  # require()'s default `default`: the key must be present
+
+
+def require(config: Mapping, key: str, kind, source, check=None, rule: str = "", default=REQUIRED):
+    """config[key] (or `default` if absent) if it is a `kind` that passes `check`; else a CheckpointError naming
+    `source`, the key, the value found and what it must be (`rule`, e.g. "a positive integer").
+
+    kind: a type or tuple of types. A JSON true/false never passes as a number, and an int passes as a float (JSON
+    writes 2.0 as 2). check: a predicate on the value; one that raises counts as failing. Defaults are checked too,
+    since they may conflict with other values (a default norm_num_groups that does not divide the channels).
+    Usage: groups = require(config, "norm_num_groups", int, path, is_positive, "a positive integer", default=32)
+    """
+    if key not in config and default is REQUIRED:
+        raise CheckpointError(f"{source}: {key!r} is missing; it must be {rule or _kind_name(kind)}.")
+    value = config.get(key, default)
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    valid = isinstance(value, kinds + ((int,) if float in kinds else ())) and (bool in kinds or not isinstance(
+        value, bool))
+    if valid and check is not None:
+        try:
+            valid = bool(check(value))
+        except Exception:  # e.g. a list holding strings where numbers belong
+            valid = False
+    if not valid:
+        shown = repr(value) if len(repr(value)) <= 100 else repr(value)[:100] + "..."
+        absent = " (absent: the default)" if key not in config else ""
+        raise CheckpointError(f"{source}: {key} = {shown}{absent} is invalid; it must be {rule or _kind_name(kind)}. "
+                              "Fix the value, or use the model's original config.json.")
+    return value
+
+
+def _kind_name(kind) -> str:
+    """'an int', 'a list or a str': the type(s) `kind` in words, for require's messages."""
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(("an " if k.__name__[0] in "aeiou" else "a ") + k.__name__ for k in kinds)
+
+
+def is_positive(value) -> bool:
+    """A finite number above 0 (not a bool): channel counts, group counts, scales."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def is_positive_int_list(value) -> bool:
+    """A non-empty list of positive integers: block_out_channels and the like."""
+    return isinstance(value, list) and bool(value) and all(isinstance(v, int) and is_positive(v) for v in value)
 
 
 class RenamedWeights(Mapping):
@@ -147,11 +212,6 @@ class RenamedWeights(Mapping):
         return shape_of(self.weights, self.names[key])
 
 
-def with_prefix_removed(weights: Mapping, prefix: str) -> RenamedWeights:
-    """The keys under `prefix` (e.g. LDM_UNET_PREFIX), with the prefix removed."""
-    return RenamedWeights(weights, {k[len(prefix):]: k for k in weights if k.startswith(prefix)})
-
-
 def detect_foreign(weights: Mapping, source) -> None:
     """Refuse single files of other model families with a message that says what they are (SD1.x only)."""
     keys = list(weights)
@@ -170,7 +230,8 @@ def load_strict(module: torch.nn.Module, weights: Mapping, source, device="cpu",
     """Fill `module` (possibly on the meta device) with `weights`, whose keys must equal its state_dict's exactly.
 
     All checks happen before any assignment, so a failure leaves nothing half-loaded. Floating tensors are cast to
-    `dtype` (if given) one at a time as they are read.
+    `dtype` (if given) one at a time as they are read; a weight the module holds as floating point must be stored
+    as floating point (an int8 or bool tensor there is a quantised or foreign file, not something to cast).
     """
     expected = module.state_dict()
     missing = [k for k in expected if k not in weights]
@@ -188,8 +249,12 @@ def load_strict(module: torch.nn.Module, weights: Mapping, source, device="cpu",
             raise CheckpointError(f"{source}: weight {k!r} has shape {shape_of(weights, k)}, expected "
                                   f"{tuple(ref.shape)}. The config does not match the weights.")
     state = {}
-    for k in expected:
+    for k, ref in expected.items():
         t = weights[k]
+        if ref.is_floating_point() != t.is_floating_point():
+            raise CheckpointError(f"{source}: weight {k!r} is stored as {t.dtype}, expected a "
+                                  f"{'floating-point' if ref.is_floating_point() else ref.dtype} tensor. The file "
+                                  "is quantised or from another model; use an fp32, fp16 or bf16 file.")
         state[k] = t.to(device=device, dtype=dtype if (dtype is not None and t.is_floating_point()) else t.dtype)
     module.load_state_dict(state, strict=True, assign=True)
     return module

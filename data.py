@@ -2,16 +2,21 @@
 
 Three sources, one stream of fixed-size batches:
     folder  cat.jpg + cat.txt (or cat.json holding "caption" or "text"), searched recursively
-    shards  a folder of *.tar, or one .tar, in the webdataset / img2dataset layout: key.jpg|jpeg|png|webp next to
-            key.txt or key.json, read with the standard library's tarfile, one shard after the other (streamed)
+    shards  a folder of *.tar, or one .tar, in the webdataset / img2dataset layout: key.jpg|jpeg|png|webp (or
+            bmp, gif, tif, tiff) next to key.txt or key.json, plain or gzip/bzip2/xz-compressed, read with the
+            standard library's tarfile, one shard after the other (streamed)
     cache   a folder written by build_latent_cache(): VAE latents + text embeddings, so long runs skip VAE and CLIP
 
     loader = make_loader(DataConfig(path="/data/laion"), batch_size=10, rank=rank, world_size=world)
     batch = next(loader)   # {"image": (10, 3, 512, 512) in [-1, 1], "caption": [10 str], "skipped": int}
 
 Images are resized so the short side equals the resolution, then cropped square (random or centre). Unreadable,
-corrupt, truncated, too small or caption-less samples are skipped, logged (the first few) and counted; "skipped"
-in every batch is the total for this rank so far.
+corrupt, truncated, too small, oversized or caption-less samples, and any other error while reading one sample, are
+skipped, logged (the first few) and counted; "skipped" in every batch is the total for this rank so far. Only the
+formats in IMAGE_FORMATS are decoded (whatever the file is named): PIL's other plugins (PSD, EPS, ICO...) are
+rarely needed and some run external programs. 16-bit images are scaled by 255/65535 and float ones from [0, 1].
+Members and sidecar files are read up to a cap (MAX_IMAGE_BYTES, MAX_CAPTION_BYTES), so one huge member of a small
+gzip shard cannot exhaust memory. Captions must be UTF-8 (a BOM is allowed); others are skipped as unreadable.
 
 How the data is split, and why a resumed stream is exact:
 * Every rank runs num_workers DataLoader workers; each worker is one *reader* with its own slice of the data.
@@ -19,7 +24,11 @@ How the data is split, and why a resumed stream is exact:
 * Each reader loops over epochs forever. Epoch e is fixed by (data_seed, e, r) alone: folders and caches take a
   permutation of all samples that is the same on every reader and keep every R-th entry; shards are permuted the same
   way and dealt out whole (or, with fewer shards than readers, every reader reads them all and keeps every R-th
-  sample), then pass through a shuffle buffer. So the readers of one epoch see disjoint slices that cover the data.
+  sample, from offset (r + e) mod R), then pass through a shuffle buffer. So the readers of one epoch see disjoint
+  slices that cover the data.
+* A reader may be dealt only bad files in some epoch; it then goes on to the next epoch, once it has checked (by
+  reading the data in file order up to the first usable sample) that the data as a whole has one. Only when a whole
+  pass over every file finds nothing usable does it raise.
 * The DataLoader collects batches from its workers round robin, so batch g of a rank is batch g // W of role g % W.
   A loader started at batch N gives worker j the role (N + j) % W and lets it fast-forward to its batch (N + j) // W
   by re-reading (and decoding, to know which files are bad) the samples before it, without resizing or cropping.
@@ -28,11 +37,14 @@ How the data is split, and why a resumed stream is exact:
   (ms each); the latent cache fast-forwards by index arithmetic alone.
 """
 import bisect
+import bz2
 import dataclasses
+import gzip
 import hashlib
 import io
 import itertools
 import json
+import lzma
 import os
 import sys
 import tarfile
@@ -49,7 +61,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from checkpoint import atomic_write
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")   # webdataset's image keys, in order of preference
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")  # image files/keys, in order of preference
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")  # PIL decoders tried (JPEG includes cameras' MPO)
+CAPTION_EXTS = ("txt", "json")
+MAX_IMAGE_BYTES = 64 << 20                    # an image file or tar member above this is skipped, unread
+MAX_CAPTION_BYTES = 1 << 20                   # likewise for .txt / .json captions (LAION's are a few hundred bytes)
 MANIFEST = "manifest.json"                    # marks a latent cache folder; written last, so only complete caches
 CACHE_FORMAT = "scott-latent-cache-v1"
 MAX_LOGGED_SKIPS = 10                         # per reader; the rest are counted silently
@@ -90,12 +106,19 @@ def read_caption(files: dict) -> str:
     An empty caption is kept (it trains the unconditional case); a missing one makes the sample unusable.
     """
     if "txt" in files:
-        return files["txt"].decode("utf-8", errors="replace").strip()
+        try:
+            return files["txt"].decode("utf-8-sig").strip()
+        except UnicodeDecodeError as e:
+            raise SkipSample(f"caption .txt is not UTF-8 text ({e})") from None
     if "json" in files:
         try:
-            meta = json.loads(files["json"])
+            meta = json.loads(files["json"])  # UTF-8 (or -16/-32, which JSON allows), else UnicodeDecodeError
+        except UnicodeDecodeError as e:
+            raise SkipSample(f"caption .json is not UTF-8 text ({e})") from None
         except ValueError as e:
             raise SkipSample(f"unreadable .json caption ({e})") from None
+        except RecursionError:
+            raise SkipSample("unreadable .json caption (nested too deeply)") from None
         for key in ("caption", "text"):
             if isinstance(meta, dict) and isinstance(meta.get(key), str):
                 return meta[key].strip()
@@ -104,18 +127,29 @@ def read_caption(files: dict) -> str:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode (palette, grey, CMYK, alpha) to RGB. Transparent pixels become white, as a browser shows them,
-    instead of whatever colour happens to be stored under alpha = 0."""
+    """Any PIL mode (palette, grey, CMYK, alpha, 16-bit, float) to RGB. Transparent pixels become white, as a browser
+    shows them, instead of whatever colour happens to be stored under alpha = 0."""
+    if image.mode.startswith("I") or image.mode == "F":
+        return to_8_bit(image).convert("RGB")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
     return image.convert("RGB")
 
 
+def to_8_bit(image: Image.Image) -> Image.Image:
+    """A 16-bit (I;16*, and I, which PIL also uses for 16-bit files) or float (F, taken as [0, 1]) grey image as
+    8-bit grey. PIL's own convert() clips these at 255, which turns nearly every 16-bit image pure white."""
+    pixels = np.asarray(image, dtype=np.float64)
+    scale = 255.0 if image.mode == "F" else 255.0 / 65535.0
+    return Image.fromarray(np.clip(np.rint(pixels * scale), 0, 255).astype(np.uint8), mode="L")
+
+
 def open_image(data: bytes, min_size: int, resolution: int) -> Image.Image:
     """Decode an image fully, to RGB, or raise SkipSample.
 
-    PIL's LOAD_TRUNCATED_IMAGES stays off, so a truncated file fails at once instead of yielding a grey half-image.
+    Only IMAGE_FORMATS are tried, by content. PIL's LOAD_TRUNCATED_IMAGES stays off, so a truncated file fails at
+    once instead of yielding a grey half-image.
     A decompression bomb (more pixels than Image.MAX_IMAGE_PIXELS) is refused from its header, before decoding.
     JPEGs are decoded at a reduced scale when that still leaves both sides >= resolution (PIL's draft mode): nearly
     the same result after the resize below, at a fraction of the cost for large photos. A camera's EXIF orientation is
@@ -124,7 +158,7 @@ def open_image(data: bytes, min_size: int, resolution: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL only warns from 1× to 2× the limit
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
         width, height = image.size
         if min(width, height) < min_size:
             raise SkipSample(f"too small: {width}x{height}, short side below min_size {min_size}")
@@ -133,7 +167,8 @@ def open_image(data: bytes, min_size: int, resolution: int) -> Image.Image:
     except SkipSample:
         raise
     except Image.UnidentifiedImageError:
-        raise SkipSample("not an image PIL can read (unknown format or corrupt header)") from None
+        raise SkipSample(f"not an image in an accepted format ({', '.join(IMAGE_FORMATS)}), or a corrupt "
+                         "header") from None
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error... for broken files
         raise SkipSample(f"cannot decode image ({type(e).__name__}: {e})") from None
 
@@ -171,43 +206,76 @@ def resize_and_crop(image: Image.Image, resolution: int, crop: tuple[float, floa
 
 # ---- sources -------------------------------------------------------------------------------------------------------
 
+def read_capped(file, ext: str, size: int) -> bytes:
+    """The bytes of an open file (or tar member) with extension `ext` and stated `size`, or SkipSample if it exceeds
+    the cap for its kind. At most size + 1 <= cap + 1 bytes are read (the + 1 catches a file that grew since its size
+    was taken), so an oversized file never reaches memory, and no buffer is sized by the cap."""
+    cap = MAX_CAPTION_BYTES if ext in CAPTION_EXTS else MAX_IMAGE_BYTES
+    data = b"" if size > cap else file.read(size + 1)
+    if size > cap or len(data) > cap:
+        raise SkipSample(f"the .{ext} file is larger than {cap} bytes, the cap for .{ext} files; not read")
+    return data
+
+
 def read_file_record(path: Path) -> Record:
     """An image file of a folder, with its same-stem caption files (cat.jpg -> cat.txt, cat.json)."""
+    files = {}
     try:
-        files = {path.suffix[1:].lower(): path.read_bytes()}
-        for ext in ("txt", "json"):
-            sidecar = path.with_suffix("." + ext)
-            if sidecar.is_file():
-                files[ext] = sidecar.read_bytes()
+        for ext, file in ((path.suffix[1:].lower(), path), *((e, path.with_suffix("." + e)) for e in CAPTION_EXTS)):
+            if file == path or file.is_file():
+                with open(file, "rb") as f:
+                    files[ext] = read_capped(f, ext, os.fstat(f.fileno()).st_size)
     except OSError as e:
         return Record(str(path), {}, error=f"unreadable file ({e})")
+    except SkipSample as why:
+        return Record(str(path), {}, error=str(why))
     return Record(str(path), files)
 
 
 def read_tar_records(path: Path):
     """Stream one shard: consecutive members with the same key (dir/name up to the first dot) form one sample.
 
-    A corrupt or truncated shard yields the samples before the damage, then one Record carrying the error.
+    Members other than images and captions are passed over unread. A corrupt or truncated shard yields the samples
+    before the damage, then one Record carrying the error.
     """
-    key, files = None, {}
+    key, files, problem = None, {}, ""
     try:
-        with tarfile.open(path, mode="r|*") as tar:  # "r|": sequential reads only, no seeking; "*": any compression
+        with open_shard(path) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:  # "r|": no seeking
             for member in tar:
                 folder, base = os.path.split(member.name)
                 if not member.isfile() or base.startswith("."):  # directories, macOS "._x" files
                     continue
                 stem, _, ext = base.partition(".")
-                member_key = os.path.join(folder, stem)
+                member_key, ext = os.path.join(folder, stem), ext.lower()
                 if member_key != key:
                     if key is not None:
-                        yield Record(f"{path}:{key}", files)
-                    key, files = member_key, {}
-                files[ext.lower()] = tar.extractfile(member).read()
-    except (tarfile.TarError, OSError, EOFError) as e:
-        yield Record(f"{path}:{key or ''}", {}, error=f"corrupt or truncated tar, rest of shard lost ({e})")
+                        yield Record(f"{path}:{key}", files, error=problem)
+                    key, files, problem = member_key, {}, ""
+                if ext in IMAGE_EXTS + CAPTION_EXTS and not problem:
+                    try:
+                        files[ext] = read_capped(tar.extractfile(member), ext, member.size)
+                    except SkipSample as why:
+                        problem = str(why)
+    except Exception as e:  # tarfile, gzip, zlib, lzma and OSError all signal damage; none may end the run
+        yield Record(f"{path}:{key or ''}", {}, error=f"corrupt or truncated tar, rest of shard lost "
+                                                      f"({type(e).__name__}: {e})")
         return
     if key is not None:
-        yield Record(f"{path}:{key}", files)
+        yield Record(f"{path}:{key}", files, error=problem)
+
+
+def open_shard(path: Path):
+    """A shard as a stream of tar bytes, decompressed if it is gzip, bzip2 or xz (told by its first bytes).
+
+    The compression modules decompress in bounded steps, so passing over a huge member costs time linear in its
+    size and little memory; tarfile's own "r|gz" decompresses unbounded chunks and copies them again per block.
+    """
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    for prefix, opener in ((b"\x1f\x8b", gzip.open), (b"BZh", bz2.open), (b"\xfd7zXZ\x00", lzma.open)):
+        if magic.startswith(prefix):
+            return opener(path, "rb")
+    return open(path, "rb")
 
 
 def shuffle_buffer(items, size: int, generator: torch.Generator):
@@ -293,6 +361,7 @@ class ImageTextStream(ReaderStream):
             raise ValueError("data: no path given; pass --data with an image folder, tar shards or a latent cache.")
         self.cfg, self.path = cfg, Path(cfg.path)
         self.images, self.shards = find_images_and_shards(self.path)
+        self.found_a_sample = False  # set by has_a_sample, per process
         if self.images and len(self.images) < self.n_readers:
             raise ValueError(f"data {self.path}: {len(self.images)} images for {self.n_readers} readers "
                              f"({world_size} ranks × {self.roles} workers); every reader needs one. Add images or "
@@ -309,14 +378,17 @@ class ImageTextStream(ReaderStream):
         shards = [self.shards[i] for i in order]
         if len(shards) >= n_readers:
             records = itertools.chain.from_iterable(map(read_tar_records, shards[reader::n_readers]))
-        else:  # too few shards to deal out: everyone reads all of them and keeps every n-th sample
-            records = itertools.chain.from_iterable(map(read_tar_records, shards))
-            records = itertools.islice(records, reader, None, n_readers)
+        else:  # too few shards to deal out: everyone reads all of them and keeps every n-th sample, from an offset
+            records = itertools.chain.from_iterable(map(read_tar_records, shards))  # that moves on every epoch, so
+            records = itertools.islice(records, (reader + epoch) % n_readers, None, n_readers)  # no slice stays bad
         yield from shuffle_buffer(records, self.cfg.shuffle_buffer,
                                   seeded_generator(self.cfg.data_seed, "buffer", epoch, reader))
 
     def samples(self, reader: int, n_readers: int, skips: SkipLog, epochs=None):
-        """Endless (or over `epochs`) decoded samples (image, caption, crop); bad ones are skipped and counted."""
+        """Endless (or over `epochs`) decoded samples (image, caption, crop); bad ones are skipped and counted.
+
+        An epoch without a usable sample is not an error as long as the data as a whole has one (see has_a_sample).
+        """
         for epoch in itertools.count() if epochs is None else epochs:
             crops = seeded_generator(self.cfg.data_seed, "crop", epoch, reader)
             usable = 0
@@ -324,20 +396,47 @@ class ImageTextStream(ReaderStream):
                 # drawn before decoding: a sample's crop depends only on its place in the epoch
                 crop = tuple(torch.rand(2, generator=crops).tolist()) if self.cfg.random_crop else None
                 try:
-                    image, caption = decode_sample(record, self.cfg.min_short_side, self.cfg.resolution)
+                    image, caption = self.decode(record)
                 except SkipSample as why:
                     skips.skip(record.name, str(why))
                     continue
                 usable += 1
                 yield image, caption, crop
-            if usable == 0:
-                raise self.no_usable_sample(reader, epoch, skips)
+            if usable == 0 and not self.has_a_sample():
+                raise RuntimeError(f"data {self.path}: no usable sample in a whole pass over all {self.size()} "
+                                   f"({skips.count} skipped by reader {reader} so far; the log above names the "
+                                   "first few and why). Fix or replace the files, or point --data elsewhere.")
 
-    def no_usable_sample(self, reader: int, epoch: int, skips: SkipLog):
-        return RuntimeError(
-            f"data {self.path}: reader {reader} of {self.n_readers} (rank {self.rank}) found no usable sample in "
-            f"epoch {epoch} ({skips.count} skipped so far). The data is too small or all bad for {self.world_size} "
-            f"ranks × {self.roles} workers: add data, fix the files, or lower --num-workers.")
+    def decode(self, record: Record) -> tuple[Image.Image, str]:
+        """decode_sample, with every error of one sample (whatever its type) turned into SkipSample."""
+        try:
+            return decode_sample(record, self.cfg.min_short_side, self.cfg.resolution)
+        except SkipSample:
+            raise
+        except Exception as e:
+            raise SkipSample(f"unexpected error while reading the sample ({type(e).__name__}: {e})") from None
+
+    def has_a_sample(self) -> bool:
+        """Whether a pass over all files, in file order, finds a usable sample; stops at the first. Asked only by a
+        reader whose epoch had none, and remembered once true: the cost is small while most of the data is good."""
+        if not self.found_a_sample:
+            files = self.images or self.shards
+            records = map(read_file_record, files) if self.images else itertools.chain.from_iterable(
+                map(read_tar_records, files))
+            self.found_a_sample = any(self.usable(record) for record in records)
+        return self.found_a_sample
+
+    def usable(self, record: Record) -> bool:
+        """Whether the record decodes to a training sample."""
+        try:
+            self.decode(record)
+            return True
+        except SkipSample:
+            return False
+
+    def size(self) -> str:
+        """The data's size in words, for messages."""
+        return f"{len(self.images)} image file(s)" if self.images else f"{len(self.shards)} shard(s)"
 
     def materialize(self, sample) -> dict:
         image, caption, crop = sample
@@ -348,6 +447,9 @@ def find_images_and_shards(path: Path) -> tuple[list[Path], list[Path]]:
     """(images, shards) under `path`, sorted; exactly one of the two lists is non-empty, or a clear error."""
     if not path.exists():
         raise FileNotFoundError(f"data {path}: no such file or folder.")
+    if not path.is_file() and not path.is_dir():
+        raise ValueError(f"data {path}: not a regular file or folder (a FIFO, socket or device?); pass a folder "
+                         "of images or shards, or one .tar.")
     if path.is_file():
         if path.suffix.lower() != ".tar":
             raise ValueError(f"data {path}: a file must be a .tar shard; or pass a folder of images or shards.")
@@ -423,23 +525,20 @@ class LatentCacheDataset(ReaderStream):
     """Batches {"latent", "text_embedding", "caption"} from a cache folder written by build_latent_cache.
 
     Same readers, epochs, drop-last batches and resume as the image stream; every epoch is a full permutation
-    (rows are read at random from memory-mapped shards), and nothing is ever skipped.
+    (rows are read at random from memory-mapped shards), and nothing is ever skipped. The manifest and every shard's
+    header are checked at construction (a damaged cache fails before training starts, naming the file).
     """
 
     def __init__(self, cfg: DataConfig, batch_size: int, rank: int = 0, world_size: int = 1, start_batch: int = 0):
         super().__init__(batch_size, rank, world_size, cfg.num_workers, start_batch)
         self.cfg, self.path = cfg, Path(cfg.path)
-        manifest = json.loads((self.path / MANIFEST).read_text())
-        if manifest.get("format") != CACHE_FORMAT:
-            raise ValueError(f"data {self.path / MANIFEST}: format {manifest.get('format')!r}, expected "
-                             f"{CACHE_FORMAT!r}; rebuild the cache with build_latent_cache.")
+        manifest = read_manifest(self.path / MANIFEST)
         if manifest["resolution"] != cfg.resolution:
             raise ValueError(f"data {self.path}: the cache was built at resolution {manifest['resolution']}, the run "
                              f"asks for {cfg.resolution}; pass --resolution {manifest['resolution']} or rebuild it.")
         self.files = [self.path / s["file"] for s in manifest["shards"]]
-        for f in self.files:
-            if not f.is_file():
-                raise FileNotFoundError(f"data {f}: listed in {self.path / MANIFEST} but missing; rebuild the cache.")
+        for f, s in zip(self.files, manifest["shards"]):
+            check_cache_shard(f, s["count"], self.path / MANIFEST)
         self.starts = list(itertools.accumulate([s["count"] for s in manifest["shards"]], initial=0))
         self.count = self.starts[-1]
         if self.count < self.n_readers:
@@ -448,19 +547,61 @@ class LatentCacheDataset(ReaderStream):
         self.open_shards = {}  # shard index -> (safe_open handle, captions); opened lazily inside each worker
 
     def samples(self, reader: int, n_readers: int, skips: SkipLog):
+        """Endless row indices: reader's share of each epoch's permutation of all rows."""
         for epoch in itertools.count():
             order = torch.randperm(self.count, generator=seeded_generator(self.cfg.data_seed, "order", epoch))
             yield from order[reader::n_readers].tolist()
 
     def materialize(self, index: int) -> dict:
+        """Row `index` of the cache, read from its memory-mapped shard."""
         shard = bisect.bisect_right(self.starts, index) - 1
-        if shard not in self.open_shards:
-            handle = safe_open(str(self.files[shard]), framework="pt")
-            self.open_shards[shard] = handle, json.loads(handle.metadata()["captions"])
-        handle, captions = self.open_shards[shard]
         row = index - self.starts[shard]
-        return {"latent": handle.get_slice("latent")[row:row + 1][0],
-                "text_embedding": handle.get_slice("text_embedding")[row:row + 1][0], "caption": captions[row]}
+        try:
+            if shard not in self.open_shards:
+                handle = safe_open(str(self.files[shard]), framework="pt")
+                self.open_shards[shard] = handle, json.loads(handle.metadata()["captions"])
+            handle, captions = self.open_shards[shard]
+            return {"latent": handle.get_slice("latent")[row:row + 1][0],
+                    "text_embedding": handle.get_slice("text_embedding")[row:row + 1][0], "caption": captions[row]}
+        except Exception as e:
+            raise RuntimeError(f"data {self.files[shard]}: cannot read row {row} ({type(e).__name__}: {e}); the "
+                               "shard changed or was damaged after the run started. Rebuild the cache.") from None
+
+
+def read_manifest(path: Path) -> dict:
+    """A latent cache's manifest.json, checked: the format, the resolution, and a list of {"file", "count"}."""
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"data {path}: unreadable manifest ({type(e).__name__}: {e}); the cache is damaged: "
+                         "rebuild it with build_latent_cache.") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != CACHE_FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ValueError(f"data {path}: format {found!r}, expected {CACHE_FORMAT!r}; rebuild the cache with "
+                         "build_latent_cache.")
+    shards = manifest.get("shards")
+    valid = (isinstance(manifest.get("resolution"), int) and isinstance(shards, list) and shards and all(
+        isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("count"), int)
+        and s["count"] > 0 for s in shards))
+    if not valid:
+        raise ValueError(f"data {path}: damaged manifest: needs an integer \"resolution\" and a non-empty \"shards\" "
+                         "list of {\"file\": name, \"count\": rows > 0}; rebuild the cache with build_latent_cache.")
+    return manifest
+
+
+def check_cache_shard(file: Path, count: int, manifest: Path) -> None:
+    """Refuse a cache shard that is missing, unreadable (truncated), or whose rows are not the `count` listed."""
+    if not file.is_file():
+        raise FileNotFoundError(f"data {file}: listed in {manifest} but missing; rebuild the cache.")
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            rows = {key: handle.get_slice(key).get_shape()[0] for key in ("latent", "text_embedding")}
+            rows["captions"] = len(json.loads((handle.metadata() or {})["captions"]))
+    except Exception as e:  # safetensors, KeyError, JSON: all mean a damaged file
+        raise ValueError(f"data {file}: not a readable cache shard ({type(e).__name__}: {e}); it may be "
+                         "truncated or damaged: rebuild the cache.") from None
+    if any(n != count for n in rows.values()):
+        raise ValueError(f"data {file}: holds {rows} rows, but {manifest} lists {count}; rebuild the cache.")
 
 
 # ---- the trainer's entry point -------------------------------------------------------------------------------------

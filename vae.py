@@ -8,7 +8,8 @@ brings SD's latents to roughly unit variance (0.18215: `scale_factor` of CompVis
 
 Modules carry diffusers' AutoencoderKL names (`encoder.down_blocks.0.resnets.0.norm1`, `decoder.up_blocks...`), so a
 diffusers `vae/` folder loads by name; an original single file goes through `ldm_vae_key_map`, a table generated from
-the config (REFERENCES.md C). Loading builds the model on the meta device and fills it with checkpoint.load_strict.
+the config (the renaming diffusers' convert_ldm_vae_checkpoint does). Loading builds the model on the meta device
+and fills it with checkpoint.load_strict.
 """
 import json
 import re
@@ -20,8 +21,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from checkpoint import (LDM_VAE_PREFIX, atomic_write, SUPPORTED, CheckpointError, RenamedWeights, detect_foreign,
-                        find_weights_file, load_strict, open_weights, read_config)
+from checkpoint import (LDM_VAE_PREFIX, SUPPORTED, CheckpointError, RenamedWeights, atomic_write, detect_foreign,
+                        find_weights_file, is_positive, is_positive_int_list, load_strict, open_weights, read_config,
+                        require)
 
 
 @dataclass
@@ -45,12 +47,20 @@ class VAEConfig:
 
     @classmethod
     def from_diffusers_config(cls, config: dict, source) -> "VAEConfig":
-        """Read a diffusers AutoencoderKL config.json; refuse any structure this file does not implement."""
-        n = len(config.get("block_out_channels", (64,)))
+        """Read a diffusers AutoencoderKL config.json (absent keys take diffusers' defaults); refuse values of the
+        wrong type or range, and any structure this file does not implement, naming `source`."""
+        channels = require(config, "block_out_channels", list, source, is_positive_int_list,
+                           "a non-empty list of positive integers", default=[64])
+        groups = require(config, "norm_num_groups", int, source, lambda g: g > 0 and all(c % g == 0 for c in channels),
+                         f"a positive integer that divides every block_out_channels entry {channels}", default=32)
+        in_channels = require(config, "in_channels", int, source, is_positive, "a positive integer", default=3)
+        layers = require(config, "layers_per_block", int, source, is_positive, "a positive integer", default=1)
+        scale = require(config, "scaling_factor", float, source, is_positive, "a positive number", default=0.18215)
+        n = len(channels)
         # Keys whose value must be SD's, with the value (diffusers' default where a key is absent).
         fixed = {"_class_name": "AutoencoderKL", "act_fn": "silu", "latent_channels": 4,
                  "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
-                 "out_channels": config.get("in_channels", 3), "use_quant_conv": True, "use_post_quant_conv": True,
+                 "out_channels": in_channels, "use_quant_conv": True, "use_post_quant_conv": True,
                  "mid_block_add_attention": True, "shift_factor": None, "latents_mean": None, "latents_std": None}
         for key, expected in fixed.items():
             found = config.get(key, expected)
@@ -58,10 +68,8 @@ class VAEConfig:
                 raise CheckpointError(f"{source}: {key} = {found!r} is not supported; this VAE implements SD1.x's "
                                       f"AutoencoderKL ({key} = {expected!r}). Use an SD1.x VAE (or SDXL's, which "
                                       f"has the same structure).")
-        return cls(in_channels=config.get("in_channels", 3), latent_channels=4,
-                   block_channels=tuple(config.get("block_out_channels", (64,))),
-                   layers_per_block=config.get("layers_per_block", 1), norm_groups=config.get("norm_num_groups", 32),
-                   scaling_factor=config.get("scaling_factor", 0.18215))
+        return cls(in_channels=in_channels, latent_channels=4, block_channels=tuple(channels), layers_per_block=layers,
+                   norm_groups=groups, scaling_factor=float(scale))
 
     def to_diffusers_config(self) -> dict:
         """The config.json diffusers' AutoencoderKL would write for this VAE."""
@@ -290,7 +298,7 @@ def ldm_vae_key_map(config: VAEConfig) -> dict[str, str]:
     """Original (CompVis LDM) VAE weight names, without `first_stage_model.`, -> ours, for every weight.
 
     Generated from the config: LDM numbers decoder levels by resolution (up.0 is the full-size level, run last),
-    diffusers in execution order, so up_blocks.i <-> up.(n-1-i) (REFERENCES.md C).
+    diffusers in execution order, so up_blocks.i <-> up.(n-1-i), as diffusers' convert_ldm_vae_checkpoint maps them.
     """
     n = len(config.block_channels)
     modules = {"quant_conv": "quant_conv", "post_quant_conv": "post_quant_conv"}  # our module -> LDM module

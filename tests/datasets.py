@@ -125,10 +125,16 @@ def write_tar_dataset(root, n_shards: int, per_shard: int, size: int = 40, with_
         if with_bad:
             samples += [(f"bad_{kind}_{s}", bad_sample(kind, size, rng)) for kind in TAR_BAD_KINDS]
         rng.shuffle(samples)  # bad ones anywhere in the shard, not all at the end
-        with tarfile.open(root / f"{s:05d}.tar", "w") as tar:
-            for key, files in samples:
-                for ext, data in files.items():
-                    info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
+        write_shard(root / f"{s:05d}.tar", samples)
     return root
+
+
+def write_shard(path, samples, mode: str = "w") -> Path:
+    """One tar shard of (key, {ext: bytes}) samples, in order; mode "w:gz" compresses it."""
+    with tarfile.open(path, mode) as tar:
+        for key, files in samples:
+            for ext, data in files.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return Path(path)

@@ -83,7 +83,7 @@ def test_bad_samples_are_skipped_counted_and_logged(datasets, layout, capsys, mo
     assert log.count("skipped") == skips.count and "good_" not in log and "README" not in log
     for kind in (FOLDER_BAD_KINDS if layout == "folder" else TAR_BAD_KINDS):
         assert f"bad_{kind}_" in log
-    for reason in ("too small: 4x4", "not an image PIL can read", "truncated", "no caption"):
+    for reason in ("too small: 4x4", "not an image in an accepted format", "truncated", "no caption"):
         assert reason in log
     if layout == "tar":
         assert "no image file" in log and 'no string "caption" or "text"' in log
