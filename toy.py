@@ -180,8 +180,6 @@ def make_toy_loader(batch_size: int, rank: int = 0, world_size: int = 1, start_b
 
 # ---- the toy world as train.py's target -----------------------------------------------------------------------
 
-TOY_FOLDER = Path(__file__).resolve().parent / "toy"  # the shipped teacher (and a distilled student/) in SD's layout
-
 # What train.py changes when the model is the toy, unless the flag is given on the command line (printed at start-up
 # and shown in `train.py --help`). A 1.7M-parameter UNet learns faster than SD1.5's at the paper's learning rates,
 # and a rank-128 LoRA would be most of it. No adversarial term: on the toy it cost quality at 2 and 4 steps at every

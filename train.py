@@ -33,10 +33,9 @@ from consistency import ConsistencyConfig, ema_update, scott_loss
 from data import DataConfig, build_latent_cache, make_loader
 from discriminator import Discriminator, DiscriminatorConfig, d_hinge_loss, g_hinge_loss
 from sample import generate, save_grid
-from sd15 import SD15, load_sd15
+from sd15 import SD15, TOY_FOLDER, load_sd15
 from sde_solver import NoiseSchedule
-from toy import SAMPLE_PROMPTS as TOY_PROMPTS, TOY_FOLDER, TRAINING_OVERRIDES as TOY_OVERRIDES, is_toy_model, \
-    make_toy_loader
+from toy import SAMPLE_PROMPTS as TOY_PROMPTS, TRAINING_OVERRIDES as TOY_OVERRIDES, is_toy_model, make_toy_loader
 from unet import UNet, load_unet, make_student, save_unet
 
 
@@ -188,8 +187,11 @@ def build_models(bundle: SD15, cfg: TrainConfig, consistency: ConsistencyConfig,
     cast the frozen nets (bf16 on GPU when --bf16). D's LoRA initialisation draws from torch's global RNG: seed it
     identically on every rank before calling this."""
     frozen_dtype = torch.bfloat16 if cfg.bf16 and device.type == "cuda" else torch.float32
-    student = make_student(bundle.unet, consistency.w_embed_dim).train().requires_grad_(True)
-    target = make_student(bundle.unet, consistency.w_embed_dim).requires_grad_(False).eval()
+    # The student records the boundary scalings it is trained with, so every sampler reads them from it.
+    student, target = (make_student(bundle.unet, consistency.w_embed_dim, consistency.timestep_scaling,
+                                    consistency.sigma_data) for _ in range(2))
+    student.train().requires_grad_(True)
+    target.requires_grad_(False).eval()
     teacher = bundle.unet.to(frozen_dtype).requires_grad_(False).eval()
     bundle.vae.to(frozen_dtype).requires_grad_(False)
     bundle.text_encoder.to(frozen_dtype).requires_grad_(False)
@@ -401,7 +403,7 @@ def write_sample_grid(path, models: Models, prompts, resolution, consistency: Co
     models.student.eval()
     rows = [generate(models.bundle, models.student, models.schedule, prompts, steps=s,
                      guidance=(consistency.w_min + consistency.w_max) / 2, height=resolution, width=resolution,
-                     seed=0) for s in (1, 2, 4)]
+                     seed=0)[0] for s in (1, 2, 4)]
     models.student.train()
     save_grid(torch.cat(rows), path, columns=len(prompts), metadata={"prompts": json.dumps(prompts),
                                                                        "rows": "1, 2, 4 steps", "seed": "0"})

@@ -5,6 +5,7 @@ import copy
 from contextlib import nullcontext
 
 import pytest
+from PIL import Image
 import torch
 
 import train
@@ -196,3 +197,11 @@ def test_generator_term_reaches_the_student_through_d(tiny_model):
         grads[adv_weight] = torch.cat([p.grad.flatten() for p in models.student.parameters()])
     assert not torch.allclose(grads[0.0], grads[0.4])
     assert g_hinge_loss is train.g_hinge_loss  # the trainer uses the documented hinge term
+
+
+def test_sample_grid_rows_are_1_2_4_steps(tiny_model, tmp_path):
+    models = build(tiny_model, adv_weight=0.0)[0]
+    train.write_sample_grid(tmp_path / "grid.png", models, ["a cat", "a dog"], 32, ConsistencyConfig())
+    grid = Image.open(tmp_path / "grid.png")
+    assert grid.size == (2 * 32, 3 * 32) and grid.text["rows"] == "1, 2, 4 steps"
+    assert models.student.training  # back in training mode afterwards
