@@ -32,8 +32,10 @@ def _torchmetrics_score(folder, images, captions):
             out = _method(*args, **kwargs)
             return out if isinstance(out, torch.Tensor) else out.pooler_output
         setattr(model, name, tensor_features)
-    metric.update([torch.from_numpy(im).permute(2, 0, 1) for im in images], captions)
-    return metric.compute().item()
+    tensors = [torch.from_numpy(im).permute(2, 0, 1) for im in images]  # uint8 (3, H, W), as torchmetrics takes
+    per_pair, _ = clip_module._clip_score_update(tensors, captions, metric.model, metric.processor)  # 100·cos
+    metric.update(tensors, captions)
+    return per_pair, metric.compute().item()
 
 
 def test_equals_torchmetrics(clip_folder):
@@ -42,13 +44,10 @@ def test_equals_torchmetrics(clip_folder):
     scorer = ClipScorer(str(clip_folder))
     cos = scorer.cosines(images, captions)
     assert cos.shape == (4,) and cos.abs().max() <= 1
-    scores = summarize(cos)
-    expected = _torchmetrics_score(clip_folder, images, captions)
-    if scores["clip_cosine"] < 0:  # torchmetrics clamps the mean at 0
-        assert expected == 0.0 and scores["clip_score"] == 0.0
-    else:
-        assert scores["clip_score"] == pytest.approx(expected, rel=1e-5, abs=1e-4)
-    assert scores["clip_score"] == pytest.approx(100 * max(scores["clip_cosine"], 0.0))
+    per_pair, expected = _torchmetrics_score(clip_folder, images, captions)
+    assert torch.allclose(100 * cos, per_pair.double().cpu(), atol=1e-4)  # every pair, before mean and clamp
+    assert (cos > 0).any() and (cos < 0).any()  # both signs: the clamp below is of the mean, not per pair
+    assert summarize(cos)["clip_score"] == pytest.approx(expected, abs=1e-4)
 
 
 def test_prefix_and_pairing_change_the_score(clip_folder):
