@@ -126,9 +126,22 @@ def test_reference_cache_from_another_protocol_is_refused(world, tmp_path):
     entries = coco.read_captions(world["coco"], small)
     first = coco.reference_features(world["coco"], small, entries, net, "abc", cache)
     assert first.shape == (2, 256)
+    paths = [world["coco"] / "val2017" / e["file"] for e in entries]
+    assert first.equal(coco.inception_features(net, paths, 32, crop=True))  # the crop-then-resize chain
     assert coco.reference_features(world["coco"], small, entries, net, "abc", cache).equal(first)  # cached
     other = coco.Protocol("coco2014-30k", "val2017", 2, "first", 32)
     with pytest.raises(ValueError, match="made under another setting .*protocol"):
         coco.reference_features(world["coco"], other, entries, net, "abc", cache)
     with pytest.raises(ValueError, match="inception_sha256"):
         coco.reference_features(world["coco"], small, entries, net, "another-inception", cache)
+
+
+def test_reference_resize_chain_crops_the_centre(tmp_path):
+    import numpy as np
+    pixels = np.zeros((20, 60, 3), np.uint8)
+    pixels[:, 20:40] = 200  # the centre square is bright, the sides are black
+    Image.fromarray(pixels).save(tmp_path / "wide.png")
+    cropped = coco.load_rgb(tmp_path / "wide.png", 10, crop=True)
+    assert cropped.shape == (10, 10, 3) and cropped.min() == 200  # PIL bicubic of a constant stays constant
+    squashed = coco.load_rgb(tmp_path / "wide.png", 10, crop=False)
+    assert squashed.min() == 0  # without the crop the black sides come in
