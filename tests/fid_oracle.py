@@ -7,6 +7,7 @@ broken torchvision also breaks transformers' CLIP image processor, so requiremen
 without that __init__, from an installed torchvision or from the folder named by $TORCHVISION_SRC (a folder holding
 `torchvision/`, e.g. an unzipped torchvision wheel). Without either, the pytorch-fid tests are skipped.
 """
+import importlib.machinery
 import importlib.util
 import os
 import sys
@@ -33,6 +34,8 @@ def _import_torchvision():
                     "torchvision, or set TORCHVISION_SRC to a folder holding an unzipped torchvision wheel)")
     stub = types.ModuleType("torchvision")
     stub.__path__ = folders
+    stub.__spec__ = importlib.machinery.ModuleSpec("torchvision", None, is_package=True)  # find_spec() asks
+    stub.__spec__.submodule_search_locations = folders
     stub.__version__ = "0.99"  # pytorch-fid reads it to pick the `weights=` API of torchvision >= 0.13
     sys.modules["torchvision"] = stub
 
