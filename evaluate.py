@@ -256,6 +256,9 @@ def evaluate_models(model, student=None, steps=(1, 2, 4), teacher_steps=None, sa
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if "--coco" in argv:  # SD1.5 on MS-COCO: FID and CLIP score (coco.py)
+        import coco
+        return coco.main(argv)
     if argv[:1] == ["train-classifier"]:
         p = argparse.ArgumentParser(prog="evaluate.py train-classifier", description="train the toy classifier")
         for name, value in asdict(ClassifierConfig()).items():
@@ -269,7 +272,8 @@ def main(argv=None):
         print(f"held-out accuracy: {prompt_accuracy(batch['image'], batch['caption'], model)}")
         print(f"wrote {out}")
         return
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                epilog="SD1.5 on MS-COCO (FID, CLIP score): python evaluate.py --coco ROOT --help")
     p.add_argument("--model", default=str(TOY_FOLDER), help="the toy model folder (teacher, text encoder)")
     p.add_argument("--student", default="", help="a distilled student UNet folder to score")
     p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4], help="student step counts")
