@@ -170,10 +170,14 @@ TOY_RUN = ["--steps", "4", "--adv-weight", "0.1", "--renoise", "--log-every", "1
            "--ckpt-every", "1000"]
 
 
+def trainer_env() -> dict:
+    return {**os.environ, "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+
+
 def run_trainer(args, cmd=None, timeout=300) -> subprocess.CompletedProcess:
     cmd = cmd or [sys.executable, str(ROOT / "train.py")]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([*cmd, *args], env=env, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run([*cmd, *args], env=trainer_env(), capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{' '.join(cmd[-1:] + args)} exited {result.returncode}:\n" \
                                    f"{(result.stdout + result.stderr)[-2000:]}"
     return result
@@ -216,9 +220,8 @@ def check_resume(cfg: CheckConfig, work: Path) -> str:
 
 def check_sigterm(cfg: CheckConfig, work: Path) -> str:
     out = work / "sigterm"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *TOY_RUN, "--steps", "100000", "--out", str(out)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=trainer_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     deadline = time.time() + 240
     while not (out / "log.jsonl").exists() and time.time() < deadline and proc.poll() is None:
