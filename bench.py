@@ -161,9 +161,11 @@ def lcm_pipeline(folder: Path, bundle, student: UNet):
     vae = diffusers.AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype).to(device)
     scheduler = diffusers.LCMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        timestep_spacing="leading", original_inference_steps=50)
-    return diffusers.LatentConsistencyModelPipeline(
+    pipe = diffusers.LatentConsistencyModelPipeline(
         vae=vae, text_encoder=bundle.text_encoder, tokenizer=bundle.tokenizer, unet=diffusers_unet(student),
         scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 # ---- rows --------------------------------------------------------------------------------------------------------
