@@ -60,6 +60,7 @@ class BenchConfig:
     sdpa: str = "auto"           # attention kernel: auto, flash, efficient, cudnn, math
     compile: bool = False        # torch.compile the UNets (ours and diffusers' alike)
     cuda_graphs: bool = False    # sampling: compile the UNet with mode="reduce-overhead" (CUDA graphs)
+    shapes: str = "1x512,8x512,32x512,1x1024"  # unet rows: batch x image size in px (latents are 8× smaller)
     micro_batch: int = 10        # the step rows (paper: 10 per GPU)
     warmup: int = 3
     repeats: int = 10
@@ -190,7 +191,8 @@ def unet_rows(folder: Path, cfg: BenchConfig, peak: float | None) -> list[dict]:
         ref = diffusers_unet(ours)
         impls["diffusers"] = (ref, prepare(ref, cfg))
     latent, width = ours.config.sample_size, ours.config.cross_attention_dim
-    shapes = [(1, latent), (2, latent), (1, 2 * latent)] if cfg.tiny else [(1, 64), (8, 64), (32, 64), (1, 128)]
+    shapes = ([(1, latent), (2, latent), (1, 2 * latent)] if cfg.tiny else
+              [(int(b), int(px) // 8) for b, px in (s.split("x") for s in cfg.shapes.split(","))])
     rows = []
     for batch, size in shapes:
         x = torch.randn(batch, 4, size, size, device=device, dtype=dtype)

@@ -39,7 +39,7 @@ from sde_solver import NoiseSchedule
 from unet import make_student
 
 ROOT = Path(__file__).resolve().parent
-CHECKS = ("precision", "compile", "torchrun", "resume", "sigterm", "memory", "sampler")
+CHECKS = ("precision", "torchrun", "resume", "sigterm", "memory", "sampler", "compile")  # compile last: the slowest
 
 
 @dataclass
@@ -170,6 +170,12 @@ TOY_RUN = ["--steps", "4", "--adv-weight", "0.1", "--renoise", "--log-every", "1
            "--ckpt-every", "1000"]
 
 
+def first_traceback(output: str, chars: int = 3000) -> str:
+    """The first Python traceback in a run's output (the trainer's own, before torchrun's), or the output's end."""
+    start = output.find("Traceback")
+    return output[start:start + chars] if start >= 0 else output[-chars:]
+
+
 def trainer_env() -> dict:
     return {**os.environ, "PYTHONUNBUFFERED": "1",
             "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
@@ -179,7 +185,7 @@ def run_trainer(args, cmd=None, timeout=300) -> subprocess.CompletedProcess:
     cmd = cmd or [sys.executable, str(ROOT / "train.py")]
     result = subprocess.run([*cmd, *args], env=trainer_env(), capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{' '.join(cmd[-1:] + args)} exited {result.returncode}:\n" \
-                                   f"{(result.stdout + result.stderr)[-2000:]}"
+                                   f"{first_traceback(result.stdout + result.stderr)}"
     return result
 
 
