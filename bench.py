@@ -60,6 +60,7 @@ class BenchConfig:
     sdpa: str = "auto"           # attention kernel: auto, flash, efficient, cudnn, math
     compile: bool = False        # torch.compile the UNets (ours and diffusers' alike)
     cuda_graphs: bool = False    # sampling: compile the UNet with mode="reduce-overhead" (CUDA graphs)
+    impls: str = "ours,diffusers"
     shapes: str = "1x512,8x512,32x512,1x1024"  # unet rows: batch x image size in px (latents are 8× smaller)
     micro_batch: int = 10        # the step rows (paper: 10 per GPU)
     warmup: int = 3
@@ -186,10 +187,11 @@ def unet_rows(folder: Path, cfg: BenchConfig, peak: float | None) -> list[dict]:
     device, dtype = torch.device(cfg.device), torch.bfloat16 if cfg.bf16 else torch.float32
     bundle = load_sd15(folder, device=device, dtype=dtype)
     ours = bundle.unet
-    impls = {"ours": (ours, prepare(ours, cfg))}
-    if diffusers:
+    mode = "reduce-overhead" if cfg.cuda_graphs else None
+    impls = {"ours": (ours, prepare(ours, cfg, mode))}
+    if diffusers and "diffusers" in cfg.impls:
         ref = diffusers_unet(ours)
-        impls["diffusers"] = (ref, prepare(ref, cfg))
+        impls["diffusers"] = (ref, prepare(ref, cfg, mode))
     latent, width = ours.config.sample_size, ours.config.cross_attention_dim
     shapes = ([(1, latent), (2, latent), (1, 2 * latent)] if cfg.tiny else
               [(int(b), int(px) // 8) for b, px in (s.split("x") for s in cfg.shapes.split(","))])
@@ -205,6 +207,7 @@ def unet_rows(folder: Path, cfg: BenchConfig, peak: float | None) -> list[dict]:
             call = (lambda: run(x, t, c)) if name == "ours" else (lambda: run(x, t, encoder_hidden_states=c).sample)
             with torch.no_grad():
                 rows.append(row("unet forward", name, f"B={batch} {size * 8}px", flops, measure(call, cfg), peak))
+            print(rows[-1], flush=True)
     return rows
 
 

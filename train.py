@@ -398,12 +398,14 @@ def make_batches(cfg: TrainConfig, data_cfg: DataConfig, toy_world: bool, rank, 
     return make_loader(data_cfg, cfg.micro_batch, rank, world, start_batch=start_batch)
 
 
-def write_sample_grid(path, models: Models, prompts, resolution, consistency: ConsistencyConfig):
-    """Fixed prompts and seeds at 1, 2 and 4 steps, one row per step count (sample.py does the work)."""
+def write_sample_grid(path, models: Models, prompts, resolution, consistency: ConsistencyConfig, autocast):
+    """Fixed prompts and seeds at 1, 2 and 4 steps, one row per step count (sample.py does the work), under the
+    step's autocast: the student is fp32 while the text encoder and the noise may be bf16."""
     models.student.eval()
-    rows = [generate(models.bundle, models.student, models.schedule, prompts, steps=s,
-                     guidance=(consistency.w_min + consistency.w_max) / 2, height=resolution, width=resolution,
-                     seed=0)[0] for s in (1, 2, 4)]
+    with autocast:
+        rows = [generate(models.bundle, models.student, models.schedule, prompts, steps=s,
+                         guidance=(consistency.w_min + consistency.w_max) / 2, height=resolution,
+                         width=resolution, seed=0)[0].float() for s in (1, 2, 4)]
     models.student.train()
     save_grid(torch.cat(rows), path, columns=len(prompts), metadata={"prompts": json.dumps(prompts),
                                                                        "rows": "1, 2, 4 steps", "seed": "0"})
@@ -532,7 +534,8 @@ def main(argv=None):
                     f.write(json.dumps(record) + "\n")
         if master and cfg.sample_every and step % cfg.sample_every == 0:
             prompts = TOY_PROMPTS if toy_world else SD15_SAMPLE_PROMPTS
-            write_sample_grid(out / f"samples-{step:07d}.png", models, prompts, data_cfg.resolution, consistency)
+            write_sample_grid(out / f"samples-{step:07d}.png", models, prompts, data_cfg.resolution, consistency,
+                              autocast)
 
         # A signal may reach one rank only: every rank stops at the same step boundary.
         signalled = all_reduce_max(torch.tensor(float(stop["signal"] is not None), device=device)).item() > 0

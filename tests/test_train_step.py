@@ -200,8 +200,11 @@ def test_generator_term_reaches_the_student_through_d(tiny_model):
 
 
 def test_sample_grid_rows_are_1_2_4_steps(tiny_model, tmp_path):
+    """As on a GPU with --bf16: a bf16 text encoder (so bf16 noise) and the fp32 student, under the step's autocast."""
     models = build(tiny_model, adv_weight=0.0)[0]
-    train.write_sample_grid(tmp_path / "grid.png", models, ["a cat", "a dog"], 32, ConsistencyConfig())
+    models.bundle.text_encoder.to(torch.bfloat16)
+    train.write_sample_grid(tmp_path / "grid.png", models, ["a cat", "a dog"], 32, ConsistencyConfig(),
+                            torch.autocast("cpu", dtype=torch.bfloat16))
     grid = Image.open(tmp_path / "grid.png")
     assert grid.size == (2 * 32, 3 * 32) and grid.text["rows"] == "1, 2, 4 steps"
     assert models.student.training  # back in training mode afterwards
