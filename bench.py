@@ -278,7 +278,7 @@ def sample_rows(folder: Path, cfg: BenchConfig, peak: float | None) -> list[dict
 def row(section, impl, shape, flops, timing, peak) -> dict:
     tflops = flops / timing["ms"] / 1e9
     return {"section": section, "impl": impl, "shape": shape, "ms": round(timing["ms"], 3),
-            "gflop": round(flops / 1e9, 1), "tflops": round(tflops, 2),
+            "gflop": round(flops / 1e9, 3), "tflops": round(tflops, 3),
             "pct_peak": round(100 * tflops / peak, 1) if peak else None,
             "peak_gib": round(timing["peak_gib"], 2) if timing["peak_gib"] is not None else None}
 
