@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import coco
 from checkpoint import atomic_write
 from sample import generate  # the project's sampler: teacher DDIM/DDPM + CFG, or a student's consistency steps
 from sd15 import TOY_FOLDER, load_sd15
@@ -257,7 +258,6 @@ def evaluate_models(model, student=None, steps=(1, 2, 4), teacher_steps=None, sa
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if "--coco" in argv:  # SD1.5 on MS-COCO: FID and CLIP score (coco.py)
-        import coco
         return coco.main(argv)
     if argv[:1] == ["train-classifier"]:
         p = argparse.ArgumentParser(prog="evaluate.py train-classifier", description="train the toy classifier")

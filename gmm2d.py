@@ -196,7 +196,7 @@ def pretrain(student, mixture, schedule, cfg: ExperimentConfig, generator) -> fl
     return loss.item()
 
 
-def distill(init, mixture, schedule, ccfg: ConsistencyConfig, cfg: ExperimentConfig, generator):
+def distill(init, mixture, schedule, consistency: ConsistencyConfig, cfg: ExperimentConfig, generator):
     """CD / SCott from the pretrained student with the trainer's own `scott_loss` and EMA target."""
     student, target = copy.deepcopy(init), copy.deepcopy(init).requires_grad_(False)
     teacher = mixture.teacher(schedule)
@@ -205,12 +205,12 @@ def distill(init, mixture, schedule, ccfg: ConsistencyConfig, cfg: ExperimentCon
     lr_decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.distill_steps)
     for _ in range(cfg.distill_steps):
         x0, cond = training_batch(mixture, cfg.batch, generator)
-        res = scott_loss(student, target, teacher, x0.float(), cond, uncond, schedule, ccfg, generator)
+        res = scott_loss(student, target, teacher, x0.float(), cond, uncond, schedule, consistency, generator)
         opt.zero_grad(set_to_none=True)
         res.loss.backward()
         opt.step()
         lr_decay.step()
-        ema_update(target, student, ccfg.ema_decay)
+        ema_update(target, student, consistency.ema_decay)
     return student
 
 
@@ -270,8 +270,8 @@ def method_job(cfg: ExperimentConfig, seed: int, init_state: dict, eta: float, s
     mixture, schedule = GaussianMixture.ring(), NoiseSchedule.sd15()
     init = MLPStudent(mixture.n_classes, hidden=cfg.hidden)
     init.load_state_dict(init_state)
-    ccfg = ConsistencyConfig(eta=eta, substeps=substeps, w_min=cfg.w_min, w_max=cfg.w_max)
-    student = distill(init, mixture, schedule, ccfg, cfg, torch.Generator().manual_seed(1000 + seed))
+    consistency = ConsistencyConfig(eta=eta, substeps=substeps, w_min=cfg.w_min, w_max=cfg.w_max)
+    student = distill(init, mixture, schedule, consistency, cfg, torch.Generator().manual_seed(1000 + seed))
     return evaluate(lambda noise, cond, w, steps, g: sample_consistency(student, noise, cond, w,
                                                                         consistency_timesteps(steps), schedule,
                                                                         generator_noise(g)),
