@@ -8,6 +8,7 @@ Rows (each the median of --repeats timed runs after --warmup untimed ones, with 
   unet    one UNet forward at B = 1, 8, 32 on 64×64 latents (512 px) and B = 1 at 128×128 (1024 px)
   step    one SCott optimisation step through train.train_step (h = 3, CFG teacher, EMA target, D's two passes,
           AdamW) at micro-batch 10, and the LCM-style step (η = 0, h = 1, no D) with our modules and with diffusers'
+          (a LoRA-student row comes with the LoRA student, which train.py does not have yet)
   sample  2-step 512 px generation at B = 1 and 8, text encoding and VAE decode included: sample.generate vs
           diffusers' LatentConsistencyModelPipeline assembled from the same modules
 FLOPs are counted (torch.utils.flop_counter on one eager call), not assumed; "% peak" is over the bf16 matrix-
