@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from checkpoint import CheckpointError, atomic_write
+from checkpoint import LDM_TEXT_PREFIX, LDM_UNET_PREFIX, LDM_VAE_PREFIX, CheckpointError, atomic_write
 from consistency import consistency_timesteps
 from sd15 import TOY_FOLDER, SD15, ldm_text_state_dict, load_sd15
 from sde_solver import NoiseSchedule
@@ -35,6 +35,7 @@ from unet import UNet, bake_guidance, ldm_unet_state_dict, load_unet, save_unet
 from vae import IdentityVAE, ldm_vae_state_dict, save_vae
 
 TARGETS = ("pipeline", "single-file", "diffusers-unet")
+LDM_PREFIXES = (LDM_UNET_PREFIX, LDM_VAE_PREFIX, LDM_TEXT_PREFIX)  # the parts of a single file: UNet, VAE, text
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 LCM_SIGMA_DATA = 0.5  # diffusers' LCMScheduler (and ComfyUI's LCM sampling) fix σ_data of the boundary scalings
 LCM_ORIGINAL_STEPS = 50  # LCM's distillation grid (consistency_timesteps' default): 999, 979, ..., 19
@@ -140,8 +141,7 @@ def write_text_encoder(text_encoder, folder: Path) -> None:
     """config.json + model.safetensors with transformers-4 key names (`text_model....`), which transformers 4 and 5
     both load (sd15.load_text_encoder reads either)."""
     folder.mkdir()
-    prefix = len("cond_stage_model.transformer.")
-    weights = {k[prefix:]: v for k, v in ldm_text_state_dict(text_encoder).items()}
+    weights = {k.removeprefix(LDM_TEXT_PREFIX): v for k, v in ldm_text_state_dict(text_encoder).items()}
     save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "config.json").write_text(text_encoder.config.to_json_string())
 
