@@ -304,3 +304,23 @@ def test_a_full_disk_leaves_no_half_written_output(tiny, tmp_path, capsys, monke
     error_of(capsys, *argv, "--overwrite")
     assert sorted(os.listdir(tmp_path)) == [out.name]
     assert (out.is_dir() and os.listdir(out) == []) or (out.is_file() and out.read_bytes() == b"old")
+
+
+def test_sd15_shaped_vae_and_text_keys_are_all_consumed():
+    """At SD1.5's real shapes (the UNet's table is checked at SD1.5 size in test_unet.py): every VAE and CLIP key
+    of a single file is one diffusers' converters read, and they give back exactly our weights."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from sd15 import SD15_TEXT_CONFIG, ldm_text_state_dict
+    from vae import VAE, ldm_vae_state_dict
+    vae = VAE(VAEConfig.sd15())
+    sd = ldm_vae_state_dict(vae)
+    converted = convert_ldm_vae_checkpoint(sd, vae.config.to_diffusers_config())
+    assert file_tensors_consumed(sd, converted) == set(sd) and len(sd) == len(vae.state_dict())
+    assert all(torch.equal(converted[k], v) for k, v in vae.state_dict().items())
+    text = CLIPTextModel(CLIPTextConfig(**SD15_TEXT_CONFIG))
+    sd = ldm_text_state_dict(text)
+    assert convert_ldm_clip_checkpoint(sd).keys() == v4_keys(text).keys() - {"text_model.embeddings.position_ids"}
+    params = sum(v.numel() for v in vae.state_dict().values()), sum(v.numel() for v in sd.values())
+    print(f"SD1.5 VAE {params[0] / 1e6:.1f}M, CLIP text {params[1] / 1e6:.1f}M parameters")
+    assert params == (83_653_863, 123_060_480)
