@@ -227,11 +227,13 @@ def single_file_state(bundle: SD15, baked: UNet, dtype: torch.dtype) -> dict:
 
 
 def write_single_file(bundle: SD15, baked: UNet, out: Path, dtype: torch.dtype, metadata: dict) -> None:
+    """The original-layout checkpoint, `metadata` (the sampler settings) in its safetensors header; atomic."""
     state = single_file_state(bundle, baked, dtype)
     atomic_write(out, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt", **metadata}))
 
 
 def write_diffusers_unet(baked: UNet, out: Path, dtype: torch.dtype) -> None:
+    """The baked UNet as a plain diffusers UNet2DConditionModel folder (no time_cond_proj_dim); atomic."""
     write_folder_atomically(out, lambda tmp: save_unet(baked.to(dtype), tmp))
 
 
@@ -259,7 +261,8 @@ def export(args) -> dict:
     settings = sampler_settings(args.steps, student, None if args.to == "pipeline" else args.guidance)
     settings |= {"scott.model": str(model), "scott.student": str(student_path)}
     dtype = DTYPES[args.dtype or ("fp16" if args.to == "single-file" else "fp32")]
-    if args.to == "pipeline":
+    if args.to == "pipeline":  # loaded in fp32; cast on the way out
+        bundle.vae, bundle.text_encoder = bundle.vae.to(dtype), bundle.text_encoder.to(dtype)
         write_pipeline(bundle, student.to(dtype), out, model, student_path, args.steps, guidance)
     else:
         baked = bake_guidance(student, args.guidance)

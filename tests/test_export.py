@@ -145,6 +145,15 @@ def test_pipeline_of_the_toy_model(tmp_path):
     assert (ours - ((latents + 1) / 2).clamp(0, 1)).abs().max() <= 1e-5
 
 
+def test_pipeline_dtype(tiny, tmp_path):
+    """--dtype reaches every component of the folder."""
+    root, _, _, _ = tiny
+    run("--model", root, "--student", root / "student", "--to", "pipeline", "--dtype", "fp16", "--out", tmp_path / "p")
+    files = sorted((tmp_path / "p").glob("*/*.safetensors"))
+    assert [f.parent.name for f in files] == ["text_encoder", "unet", "vae"]
+    assert all({v.dtype for v in load_file(str(f)).values()} == {torch.float16} for f in files)
+
+
 # ---- --to single-file -----------------------------------------------------------------------------------------------
 
 def file_tensors_consumed(sd: dict, converted: dict) -> set:
