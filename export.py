@@ -192,10 +192,10 @@ def write_pipeline(bundle: SD15, student: UNet, out: Path, model, student_path, 
                           f"guidance_scale − 1 (guidance_offset 1), so it would sample this student wrongly. Use "
                           f"--to single-file or --to diffusers-unet with --guidance, which bake ω in.")
     pixel_space = isinstance(bundle.vae, IdentityVAE)
-    tokenizer_class = type(bundle.tokenizer).__name__.removesuffix("Fast")
+    clip_tokenizer = type(bundle.tokenizer).__name__.removesuffix("Fast") == "CLIPTokenizer"  # else the toy's
     index = {"_class_name": "LatentConsistencyModelPipeline", "_diffusers_version": "0.30.0",
              "scheduler": ["diffusers", "LCMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
-             "tokenizer": ["transformers", tokenizer_class if tokenizer_class == "CLIPTokenizer" else "PreTrainedTokenizerFast"],
+             "tokenizer": ["transformers", "CLIPTokenizer" if clip_tokenizer else "PreTrainedTokenizerFast"],
              "unet": ["diffusers", "UNet2DConditionModel"],
              "vae": [None, None] if pixel_space else ["diffusers", "AutoencoderKL"],
              "safety_checker": [None, None], "feature_extractor": [None, None], "image_encoder": [None, None],

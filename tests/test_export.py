@@ -285,7 +285,7 @@ def no_space(*args, **kwargs):
     raise OSError(28, "No space left on device")
 
 
-def half_written(save):
+def half_written():
     """A writer that leaves part of a file behind and then fails as a full disk does."""
     def write(state, filename, metadata=None):
         with open(filename, "wb") as f:
@@ -304,8 +304,8 @@ def test_a_full_disk_leaves_no_half_written_output(tiny, tmp_path, capsys, monke
     if to == "pipeline":
         monkeypatch.setattr(export, "write_tokenizer", no_space)  # after unet/, vae/ and text_encoder/ were written
     else:
-        monkeypatch.setattr(export, "save_file", half_written(export.save_file))
-        monkeypatch.setattr("unet.save_file", half_written(export.save_file))
+        monkeypatch.setattr(export, "save_file", half_written())
+        monkeypatch.setattr("unet.save_file", half_written())
     msg = error_of(capsys, *argv)
     assert "No space left on device" in msg and "nothing was left under that name" in msg
     assert os.listdir(tmp_path) == []
