@@ -105,6 +105,14 @@ def load_text_encoder(path, device="cpu", dtype=torch.float32, config: CLIPTextC
                               device, dtype)
 
 
+def ldm_text_state_dict(text_encoder: CLIPTextModel) -> dict:
+    """The text encoder's weights as original single files hold them: `cond_stage_model.transformer.` + the
+    transformers-4 CLIP names (`text_model.embeddings...`, which A1111, ComfyUI and diffusers' converters read),
+    whichever transformers version is installed. No position_ids: a constant buffer, rebuilt by every loader."""
+    return {LDM_TEXT_PREFIX + "text_model." + k.removeprefix("text_model."): v.detach().to("cpu").contiguous()
+            for k, v in text_encoder.state_dict().items() if not k.endswith("position_ids")}
+
+
 def load_tokenizer(path):
     """A tokenizer folder: CLIP's vocab.json + merges.txt, or any transformers tokenizer saved with save_pretrained."""
     path = Path(path)

@@ -482,6 +482,34 @@ def make_student(teacher: UNet, guidance_embed_dim: int = 256, timestep_scaling:
     return student
 
 
+def bake_guidance(student: UNet, omega: float) -> UNet:
+    """A plain SD1.5 UNet (no ω input) that computes exactly what `student` computes at guidance scale `omega`.
+
+    In the time embedding the ω projection is added to the sinusoidal timestep features e(t) before `linear_1`:
+        temb = linear_2(silu(W (e(t) + c) + b)),   c = P g(ω − guidance_offset)   (P: cond_proj, g: sinusoid)
+    For a fixed ω, c is a constant vector, and W (e + c) + b = W e + (W c + b): folding W c into linear_1's bias
+    (computed in float64, stored in the bias's dtype) removes the ω input and leaves every other weight as it was.
+    The result has guidance_embed_dim 0 and its config drops the student-only sampling keys (it is an ordinary
+    ε-predictor, which A1111, ComfyUI and diffusers' single-file loaders read as SD1.5). The student is unchanged."""
+    cfg = student.config
+    if not cfg.guidance_embed_dim:
+        raise ValueError("bake_guidance: this UNet has no ω input (guidance_embed_dim=0), so there is nothing to "
+                         "bake; pass a distilled student (make_student / train.py's student/ folder).")
+    if not math.isfinite(float(omega)):
+        raise ValueError(f"bake_guidance: omega must be a finite guidance scale, got {omega}.")
+    linear_1, proj = student.time_embedding.linear_1, student.time_embedding.cond_proj
+    w = torch.tensor([float(omega) - cfg.guidance_offset], device=proj.weight.device)
+    c = proj.weight.double() @ guidance_embedding(w, cfg.guidance_embed_dim)[0].double()  # (C0,)
+    bias = linear_1.bias.double() + linear_1.weight.double() @ c  # W c + b
+    baked = copy.deepcopy(student)
+    defaults = UNetConfig()
+    baked.config = replace(cfg, guidance_embed_dim=0, **{k: getattr(defaults, k) for k in STUDENT_KEYS})
+    baked.time_embedding.cond_proj = None
+    with torch.no_grad():
+        baked.time_embedding.linear_1.bias.copy_(bias.to(linear_1.bias.dtype))
+    return baked
+
+
 # ---- the original (LDM) layout ------------------------------------------------------------------------------------
 
 LDM_RESNET_NAMES = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
@@ -561,15 +589,30 @@ def load_unet(path, device="cpu", dtype=torch.float32, config: UNetConfig | None
     return load_strict(unet, weights, source, device=device, dtype=dtype).eval()
 
 
+def ldm_unet_state_dict(unet: UNet) -> dict:
+    """The UNet's weights under their original (LDM) names, `model.diffusion_model.` included, on the CPU.
+    A student's ω projection has no LDM name and comes out as `time_embed.cond_proj` (which load_unet reads back,
+    but no other program does: bake it first, see save_unet)."""
+    ldm = {ours: name for name, ours in ldm_unet_key_map(unet.config).items()}
+    return {LDM_UNET_PREFIX + ldm[k]: v.detach().to("cpu").contiguous() for k, v in unet.state_dict().items()}
+
+
 def save_unet(unet: UNet, folder, original_file: str | None = None) -> None:
     """Write `folder/config.json` + `folder/diffusion_pytorch_model.safetensors` in diffusers' layout, which
     `UNet2DConditionModel.from_pretrained(folder)` loads unchanged (a student's ω input is `time_cond_proj_dim`;
     its boundary scalings and ω convention are extra keys diffusers ignores, read back by `load_unet`).
     `original_file`, a .safetensors path, also gets the UNet in the original layout (`model.diffusion_model.` keys,
-    as A1111/ComfyUI read them). Each file is written to a temporary name and renamed, so none is ever half written;
+    as A1111/ComfyUI read them); that layout has no place for an ω input, so a student must be baked first
+    (bake_guidance). Each file is written to a temporary name and renamed, so none is ever half written;
     the weights go first, so a config.json never describes weights that are not there yet."""
     if original_file is not None and Path(original_file).suffix != ".safetensors":
         raise ValueError(f"save_unet: original_file must end in .safetensors, got {original_file!r}.")
+    if original_file is not None and unet.config.guidance_embed_dim:
+        raise ValueError("save_unet: original_file: this UNet is a student with an ω input (guidance_embed_dim="
+                         f"{unet.config.guidance_embed_dim}), which the original layout cannot hold (diffusers' "
+                         "from_single_file and ComfyUI drop it silently). Bake a guidance scale in first: "
+                         "save_unet(bake_guidance(student, omega), ..., original_file=...), or run "
+                         "`python export.py --to single-file --guidance OMEGA` for a whole A1111/ComfyUI checkpoint.")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in unet.state_dict().items()}
@@ -577,6 +620,5 @@ def save_unet(unet: UNet, folder, original_file: str | None = None) -> None:
     config = json.dumps(unet.config.to_diffusers_config(), indent=2)
     atomic_write(folder / "config.json", lambda tmp: tmp.write_text(config))
     if original_file is not None:
-        ldm = {ours: name for name, ours in ldm_unet_key_map(unet.config).items()}
-        original = {LDM_UNET_PREFIX + ldm[k]: v for k, v in state.items()}
+        original = ldm_unet_state_dict(unet)
         atomic_write(Path(original_file), lambda tmp: save_file(original, str(tmp), metadata={"format": "pt"}))

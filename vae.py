@@ -346,6 +346,20 @@ class _LinearFromConv(RenamedWeights):
         return ".attentions." in key and len(shape) == 4 and tuple(shape[2:]) == (1, 1)
 
 
+def ldm_vae_state_dict(vae: VAE) -> dict:
+    """The VAE's weights under their original (LDM) names, `first_stage_model.` included, on the CPU: the inverse of
+    ldm_vae_key_map, with the mid-block attention's q, k, v and proj_out written back as the 1×1 convs (C, C, 1, 1)
+    LDM stores (A1111 and ComfyUI build them as convs; see _LinearFromConv for the way in)."""
+    ours_to_ldm = {ours: ldm for ldm, ours in ldm_vae_key_map(vae.config).items()}
+    state = {}
+    for name, t in vae.state_dict().items():
+        t = t.detach().to("cpu")
+        if ".attentions." in name and t.ndim == 2:  # Linear (C, C) -> 1×1 conv (C, C, 1, 1)
+            t = t[:, :, None, None]
+        state[LDM_VAE_PREFIX + ours_to_ldm[name]] = t.contiguous()
+    return state
+
+
 def load_vae(path, device="cpu", dtype=torch.float32, config: VAEConfig | None = None) -> VAE:
     """The VAE from a diffusers `vae/` folder, a diffusers root folder, or an original single file
     (.safetensors, or .ckpt read with weights_only=True; SD1.5's architecture unless `config` says otherwise).

@@ -16,7 +16,8 @@ from diffusers.pipelines.latent_consistency_models.pipeline_latent_consistency_t
 from safetensors.torch import load_file, save_file
 
 from checkpoint import LDM_UNET_PREFIX, CheckpointError, load_strict
-from unet import UNet, UNetConfig, guidance_embedding, ldm_unet_key_map, load_unet, make_student, save_unet
+from unet import (UNet, UNetConfig, guidance_embedding, ldm_unet_key_map, ldm_unet_state_dict, load_unet, make_student,
+                  save_unet)
 
 TINY = UNetConfig.tiny()
 CONFIGS = {  # every structural choice the config allows, at a few hundred thousand parameters each
@@ -127,9 +128,10 @@ def test_ldm_key_map_inverts_diffusers_converter(name):
 
 
 def write_original_file(path, unet: UNet):
-    """The UNet in the original layout plus what real single files also carry (via save_unet's own option)."""
-    save_unet(unet, path.parent / "folder", original_file=str(path.with_suffix(".safetensors")))
-    sd = load_file(str(path.with_suffix(".safetensors")))
+    """The UNet in the original layout plus what real single files also carry. A student's ω projection goes under
+    our `time_embed.cond_proj` (files written before save_unet refused students; load_unet still reads them)."""
+    save_unet(unet, path.parent / "folder")
+    sd = ldm_unet_state_dict(unet)
     sd["alphas_cumprod"] = torch.linspace(1, 0, 1000)
     sd["model_ema.decay"] = torch.tensor(0.9999)
     sd["model_ema.diffusion_modelinput_blocks00weight"] = torch.zeros(3)
