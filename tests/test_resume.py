@@ -297,3 +297,20 @@ def test_world_size_change_is_refused_or_rederives_the_noise_streams(tmp_path, s
     train.main([*flags, "--allow-config-change"])
     assert "world size 2 -> 1: every rank's noise stream is re-derived" in capsys.readouterr().out
     assert latest(out) == "step-0000002"
+
+
+@pytest.mark.slow
+def test_world_size_1_to_2_is_refused_then_allowed_under_torchrun(tmp_path, setup, one_step_run):
+    """The issue: a world-size-1 checkpoint resumed by 2 ranks died with an IndexError (rank 1's RNG state)."""
+    _, _, common = setup
+    out = copy_run(one_step_run, tmp_path / "run")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
+           *common, "--out", str(out), "--steps", "2", "--resume", "auto"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    refused = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert refused.returncode != 0 and "the world size: 1 -> 2" in refused.stdout + refused.stderr
+    assert "IndexError" not in refused.stdout + refused.stderr
+    allowed = subprocess.run([*cmd, "--allow-config-change"], env=env, capture_output=True, text=True, timeout=600)
+    assert allowed.returncode == 0, allowed.stdout[-3000:] + allowed.stderr[-3000:]
+    assert "world size 1 -> 2: every rank's noise stream is re-derived" in allowed.stdout
+    assert len(torch.load(out / latest(out) / "state.pt", weights_only=True)["rng"]) == 2
