@@ -415,6 +415,7 @@ def save_checkpoint(out: Path, step: int, models: Models, opt, d_opt, generator,
                  "counters": counters, "config": configs}
         try:
             write_checkpoint(tmp, models, state)
+            publish(tmp, final)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
             latest = out / "latest"
@@ -422,7 +423,6 @@ def save_checkpoint(out: Path, step: int, models: Models, opt, d_opt, generator,
             raise SystemExit(f"could not write the checkpoint of step {step} to {tmp} ({e}); removed the partial "
                              f"folder; {kept}. Free space on that disk (or choose another --out), then continue with "
                              f"--resume auto --out {out}.") from None
-        publish(tmp, final)
         rotate(out, step, keep)
         print(f"saved checkpoint {final}", flush=True)
     if dist.is_initialized():
@@ -493,14 +493,18 @@ def prepare_out(out: Path, cfg: TrainConfig):
         raise SystemExit(f"--out {out} holds checkpoints of an earlier run (newest {checkpoints[-1][1].name}). "
                          f"Continue it with --resume auto, choose another --out, or pass --overwrite to move them "
                          f"into {out}/replaced-<time>/ and start afresh.")
-    aside = out / time.strftime("replaced-%Y%m%d-%H%M%S")
-    aside.mkdir()
     earlier = [folder for _, folder in checkpoints] + sorted(out.glob("samples-*.png")) + [
         p for p in (out / "latest", out / "log.jsonl") if p.exists()]
-    for path in earlier:
+    set_aside(out, earlier, "--overwrite: the earlier run's checkpoints, log and grids")
+
+
+def set_aside(out: Path, paths: list[Path], what: str):
+    """Move `paths` into a new out/replaced-<time>/ folder (nothing is deleted) and say so."""
+    aside = out / time.strftime("replaced-%Y%m%d-%H%M%S")
+    aside.mkdir(exist_ok=True)
+    for path in paths:
         os.replace(path, aside / path.name)
-    print(f"--overwrite: moved the earlier run's {len(checkpoints)} checkpoint(s), log and grids to {aside}",
-          flush=True)
+    print(f"{what}: moved {len(paths)} file(s) and folder(s) to {aside}", flush=True)
 
 
 @dataclass
@@ -583,9 +587,9 @@ def describe_run(configs: dict, model: Path, world: int, accumulation: int) -> d
     return described
 
 
-def compare_configs(saved: dict, current: dict, allow_change: bool, master: bool) -> list[str]:
+def compare_configs(saved: dict, current: dict, allow_change: bool, master: bool):
     """Differences between a checkpoint's describe_run record and this run's. A GUARDED one raises SystemExit
-    unless `allow_change`; the others are printed (rank 0). Returns the guarded differences allowed."""
+    unless `allow_change`; the others are printed (rank 0)."""
     flat = lambda d: {f"{section}.{k}": v for section, fields in d.items() for k, v in fields.items()}  # noqa: E731
     before, now = flat(saved), flat(current)
     changed = {k: (before[k], now[k]) for k in now if k in before and k not in UNCOMPARED and before[k] != now[k]}
@@ -597,7 +601,6 @@ def compare_configs(saved: dict, current: dict, allow_change: bool, master: bool
     if master:
         for k, (old, new) in changed.items():
             print(f"--resume: {'allowed change of ' + GUARDED[k] if k in GUARDED else k}: {old!r} -> {new!r}")
-    return guarded
 
 
 def restore(resume: Resume, models: Models, opt, d_opt, generator, cfg: TrainConfig, rank: int, world: int,
@@ -614,12 +617,15 @@ def restore(resume: Resume, models: Models, opt, d_opt, generator, cfg: TrainCon
                              f"{saved.config}); resume with the teacher it was trained from.")
         module.load_state_dict(saved.state_dict())
     opt.load_state_dict(state["optimizer"])
-    if models.disc and state["discriminator"] is not None:
-        models.disc.load_state_dict(state["discriminator"])
+    shapes = lambda weights: {k: tuple(v.shape) for k, v in weights.items()}  # noqa: E731
+    saved_d = state["discriminator"]
+    if models.disc and saved_d is not None and shapes(saved_d) == shapes(models.disc.state_dict()):
+        models.disc.load_state_dict(saved_d)
         d_opt.load_state_dict(state["d_optimizer"])
-    elif master and (models.disc or state["discriminator"] is not None):
-        print("--resume: " + ("D starts afresh (the checkpoint has none)" if models.disc else
-                              "the checkpoint's D and its optimiser are dropped (this run has no D)"), flush=True)
+    elif master and (models.disc or saved_d is not None):  # only with --allow-config-change (compare_configs)
+        print("--resume: " + ("the checkpoint's D and its optimiser are dropped (this run has no D)" if not models.disc
+                              else "D starts afresh (the checkpoint has " + (
+                                  "none)" if saved_d is None else "another LoRA shape)")), flush=True)
     if len(state["rng"]) != world:
         seed = (cfg.seed * 1_000_003 + state["step"]) * 4096 + rank
         generator.manual_seed(seed)
@@ -705,6 +711,9 @@ def main(argv=None):
         saved = {"run": {"world": len(resume.state["rng"])}, **resume.state["config"]}  # older ones lack "run"
         compare_configs(saved, configs, cfg.allow_config_change, master)
     start_step = resume.state["step"] if resume else 0
+    later = [folder for step, folder in list_checkpoints(out) if step > start_step] if master else []
+    if later:  # another branch of the run, or damaged: `--resume auto` must not come back to them
+        set_aside(out, later, f"--resume from step {start_step}: the later checkpoints in --out")
     loader = make_batches(cfg, data_cfg, toy_world, rank, world, start_batch=start_step * accumulation)
     if master and toy_world:
         print(f"toy world: defaults {TOY_OVERRIDES} (flags given on the command line win)")

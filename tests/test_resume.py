@@ -103,11 +103,23 @@ def test_resume_auto_skips_a_corrupt_or_dangling_checkpoint_and_says_why(tmp_pat
     train.main([*common, "--out", str(out), "--steps", "3", "--resume", "auto"])
     printed = capsys.readouterr().out
     assert "skipped step-0000002" in printed and "unreadable" in printed and "steps 1 -> 3" in printed
+    aside = next(out.glob("replaced-*"))  # kept for inspection, where `--resume auto` no longer looks
+    assert (aside / "step-0000002" / "state.pt").stat().st_size == 100
 
     (out / "latest").write_text("step-0000042")  # dangling
     train.main([*common, "--out", str(out), "--steps", "4", "--resume", "auto"])
     printed = capsys.readouterr().out
     assert "names 'step-0000042', which does not exist" in printed and "steps 3 -> 4" in printed
+
+
+def test_resume_from_an_earlier_step_sets_the_later_checkpoints_aside(tmp_path, setup):
+    _, _, common = setup
+    out = tmp_path / "run"
+    train.main([*common, "--out", str(out), "--steps", "3", "--ckpt-every", "1", "--keep-checkpoints", "3"])
+    train.main([*common, "--out", str(out), "--steps", "2", "--resume", str(out / "step-0000001"), "--lr", "2e-3"])
+    # a later `--resume auto` continues this branch (step 2), not the abandoned step-0000003
+    assert [p.name for _, p in train.list_checkpoints(out)] == ["step-0000001", "step-0000002"]
+    assert latest(out) == "step-0000002" and (next(out.glob("replaced-*")) / "step-0000003").is_dir()
 
 
 def test_resume_auto_refuses_when_every_checkpoint_is_damaged(tmp_path, setup):
