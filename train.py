@@ -3,6 +3,11 @@
     torchrun --nproc_per_node=4 train.py --model /path/to/sd15 --data /path/to/shards   # the paper's run
     python train.py --model /path/to/sd15 --data /path/to/images --micro-batch 4        # one GPU, accumulates to 40
     torchrun --nproc_per_node=2 train.py                                                # the toy world, on CPU
+    torchrun --nproc_per_node=4 train.py ... --resume auto      # after a pre-emption: the newest valid checkpoint
+
+A run is never lost: checkpoints are written to a temporary folder and renamed in; SIGTERM or SIGINT (to the whole
+process group, as SLURM sends it) means "finish the step, checkpoint, exit 0"; resuming checks the checkpoint and
+refuses a change of what is trained (--allow-config-change to force it).
 
 The file reads top to bottom: configuration -> models -> the optimisation step -> checkpoints -> main (restore
 state, then the loop). One optimisation step (docs/paper.md, "The SCott training step"), per micro-batch:

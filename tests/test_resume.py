@@ -280,6 +280,17 @@ def test_resume_refuses_another_teacher_unless_allowed(tmp_path, setup, one_step
     assert "allowed change of the teacher" in capsys.readouterr().out and latest(out) == "step-0000002"
 
 
+@pytest.mark.parametrize("flags, said", [
+    (["--lora-rank", "4"], "D starts afresh (the checkpoint has another LoRA shape)"),
+    (["--adv-weight", "0"], "the checkpoint's D and its optimiser are dropped"),
+])
+def test_an_allowed_change_of_d_says_what_happens_to_it(tmp_path, setup, one_step_run, capsys, flags, said):
+    _, _, common = setup
+    out = copy_run(one_step_run, tmp_path / "run")
+    train.main([*common, "--out", str(out), "--steps", "2", "--resume", "auto", "--allow-config-change", *flags])
+    assert said in capsys.readouterr().out and latest(out) == "step-0000002"
+
+
 def test_resume_prints_other_changes_and_continues(tmp_path, setup, one_step_run, capsys):
     _, _, common = setup
     out = copy_run(one_step_run, tmp_path / "run")
