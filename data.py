@@ -46,6 +46,7 @@ import itertools
 import json
 import lzma
 import os
+import signal
 import sys
 import tarfile
 import warnings
@@ -628,8 +629,16 @@ def make_loader(cfg: DataConfig, batch_size: int, rank: int = 0, world_size: int
         batches = iter(dataset)
     else:
         batches = iter(DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers,
-                                  pin_memory=torch.cuda.is_available()))
+                                  pin_memory=torch.cuda.is_available(), worker_init_fn=ignore_stop_signals))
     return rank_totals(batches, dataset.roles)
+
+
+def ignore_stop_signals(worker_id: int):
+    """DataLoader workers ignore SIGTERM and SIGINT. Schedulers (SLURM, systemd) and Ctrl-C signal the whole process
+    group; a worker that died of it would take the trainer down before its checkpoint. The trainer decides when to
+    stop, then shuts its workers down itself (they also exit when it dies: DataLoader watches the parent)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def rank_totals(batches, roles: int):

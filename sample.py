@@ -7,6 +7,8 @@
 One PNG per run (a grid when there are several images) with prompt, seed, steps and model in its text metadata.
 """
 import argparse
+import math
+import os
 import time
 from pathlib import Path
 
@@ -98,6 +100,46 @@ def save_grid(images: torch.Tensor, path, columns: int, metadata: dict):
     Image.fromarray(grid).save(path, pnginfo=info)
 
 
+def check_args(p: argparse.ArgumentParser, args) -> None:
+    """Refuse bad numbers and an --out that cannot be written, before any model is loaded (p.error exits 2)."""
+    for flag, value, minimum in (("--n", args.n, 1), ("--steps", args.steps, 1), ("--height", args.height, 1),
+                                 ("--width", args.width, 1), ("--seed", args.seed, 0)):
+        if value is not None and value < minimum:
+            p.error(f"{flag} {value}: must be an integer ≥ {minimum}.")
+    for flag, value in (("--guidance", args.guidance), ("--eta", args.eta)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            p.error(f"{flag} {value}: must be a finite number ≥ 0.")
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        p.error(f"--out {out}: must name a .png file (the grid is a PNG with its prompts in the metadata).")
+    if out.is_dir():
+        p.error(f"--out {out} is a folder; name a .png file, e.g. {out / 'sample.png'}.")
+    folder = next(parent for parent in out.absolute().parents if parent.exists())
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        p.error(f"--out {out}: cannot write under {folder}; choose another path.")
+
+
+def check_student(p: argparse.ArgumentParser, student_folder, unet, bundle, model) -> None:
+    """Refuse a student that is not one, or that was distilled from another model (its input channels or its text
+    width differ from --model's): it would fail with a matrix-shape error, or sample noise."""
+    if not unet.config.guidance_embed_dim:
+        p.error(f"--student {student_folder}: this UNet has no guidance (ω) input, so it is not a distilled student")
+    teacher, text_width = bundle.unet.config, bundle.text_encoder.config.hidden_size
+    if (unet.config.in_channels, unet.config.cross_attention_dim) != (teacher.in_channels, text_width):
+        p.error(f"--student {student_folder}: distilled from another model: it takes {unet.config.in_channels} "
+                f"latent channels and text width {unet.config.cross_attention_dim}, --model {model} gives "
+                f"{teacher.in_channels} and {text_width}. Pass the --model it was distilled from.")
+
+
+def warn_truncated(tokenizer, text_encoder, prompts) -> None:
+    """Say once if any prompt is longer than the text encoder reads (77 tokens for CLIP): the rest is ignored."""
+    length = text_encoder.config.max_position_embeddings
+    long = [i for i, ids in enumerate(tokenizer(list(prompts)).input_ids) if len(ids) > length]
+    if long:
+        print(f"note: {len(long)} prompt(s) (first: #{long[0] + 1}) are longer than the {length} tokens the text "
+              f"encoder reads; only their first {length} tokens are used.")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--prompt", action="append", default=[], help="repeatable")
@@ -113,8 +155,9 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=1, help="images per prompt")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
-    p.add_argument("--out", default="sample.png")
+    p.add_argument("--out", default="sample.png", help="the PNG to write")
     args = p.parse_args(argv)
+    check_args(p, args)
 
     prompts = list(args.prompt)
     if args.prompts_file:
@@ -141,9 +184,9 @@ def main(argv=None):
         if student is None:
             p.error("--student FOLDER is required with --model (or pass --teacher for the teacher baseline)")
         unet, label = load_unet(student, device, dtype).eval(), f"student {student}"
-        if not unet.config.guidance_embed_dim:
-            p.error(f"--student {student}: this UNet has no guidance (ω) input, so it is not a distilled student")
+        check_student(p, student, unet, bundle, model)
     print(f"load {tick():.2f}s")
+    warn_truncated(bundle.tokenizer, bundle.text_encoder, prompts)
     size = bundle.unet.config.sample_size * bundle.vae.spatial_factor  # the resolution the model was trained at
     guidance = args.guidance if args.guidance is not None else (3.0 if bundle.vae.spatial_factor == 1 else 7.5)
     with torch.no_grad():
@@ -151,6 +194,9 @@ def main(argv=None):
                                    guidance, args.height or size, args.width or size, args.seed, args.n,
                                    teacher_eta=args.eta if args.teacher else None)
     print(" | ".join(f"{k} {v * 1000:.1f} ms" for k, v in timings.items()))
+    if not torch.isfinite(images).all():
+        raise SystemExit(f"{label}: the images hold non-finite pixels (NaN/Inf), so {args.out} was not written. "
+                         "The weights are probably damaged (NaN) or the run diverged: try an earlier checkpoint.")
     save_grid(images, args.out, columns=args.n if len(prompts) > 1 else min(args.n, 8),
               metadata={"prompt": " | ".join(prompts), "seed": args.seed, "steps": steps, "guidance": guidance,
                         "model": str(model), "sampler": label})

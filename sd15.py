@@ -15,7 +15,7 @@ import torch
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from checkpoint import (LDM_TEXT_PREFIX, SUPPORTED, CheckpointError, RenamedWeights, detect_foreign,
-                        find_weights_file, load_strict, open_weights, read_config)
+                        find_weights_file, is_positive, load_strict, open_weights, read_config, require)
 from sde_solver import NoiseSchedule
 from unet import UNet, load_unet
 from vae import VAE, IdentityVAE, load_vae
@@ -61,13 +61,30 @@ def _schedule_from_config(path: Path) -> torch.Tensor:
     if not path.is_file():
         return NoiseSchedule.sd15().alphas_cumprod
     cfg = read_config(path)
-    kind, steps = cfg.get("beta_schedule", "scaled_linear"), cfg.get("num_train_timesteps", 1000)
-    start, end = cfg.get("beta_start", 0.00085), cfg.get("beta_end", 0.012)
+    kind = require(cfg, "beta_schedule", str, path, lambda k: k in ("scaled_linear", "linear"),
+                   "'scaled_linear' (SD1.5's) or 'linear'", default="scaled_linear")
+    steps = require(cfg, "num_train_timesteps", int, path, is_positive, "a positive integer", default=1000)
+    start = require(cfg, "beta_start", float, path, lambda b: 0 < b < 1, "a number in (0, 1)", default=0.00085)
+    end = require(cfg, "beta_end", float, path, lambda b: start <= b < 1, f"a number in [beta_start={start}, 1)",
+                  default=0.012)
     if kind == "scaled_linear":
         return NoiseSchedule.sd15(start, end, steps).alphas_cumprod
-    if kind == "linear":
-        return torch.cumprod(1 - torch.linspace(start, end, steps, dtype=torch.float64), dim=0)
-    raise CheckpointError(f"{path}: beta_schedule {kind!r} is not supported (SD1.5 uses 'scaled_linear').")
+    return torch.cumprod(1 - torch.linspace(start, end, steps, dtype=torch.float64), dim=0)
+
+
+def _text_config(path: Path) -> CLIPTextConfig:
+    """A CLIP text_encoder/config.json, its sizes checked first (CLIPTextConfig itself takes any value, and a wrong
+    one fails later with a TypeError or ZeroDivisionError that names no file)."""
+    config, defaults = read_config(path), CLIPTextConfig()
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "max_position_embeddings"):
+        require(config, key, int, path, is_positive, "a positive integer", default=getattr(defaults, key))
+    heads = config.get("num_attention_heads", defaults.num_attention_heads)
+    require(config, "hidden_size", int, path, lambda h: h % heads == 0,
+            f"a multiple of num_attention_heads ({heads})", default=defaults.hidden_size)
+    require(config, "hidden_act", str, path, rule="an activation name such as 'quick_gelu'", default="quick_gelu")
+    require(config, "layer_norm_eps", float, path, is_positive, "a positive number", default=defaults.layer_norm_eps)
+    return CLIPTextConfig(**config)
 
 
 def _load_clip_weights(weights, source, config: CLIPTextConfig, device, dtype) -> CLIPTextModel:
@@ -92,7 +109,7 @@ def load_text_encoder(path, device="cpu", dtype=torch.float32, config: CLIPTextC
     path = Path(path)
     if path.is_dir():
         folder = path / "text_encoder" if (path / "text_encoder").is_dir() else path
-        config = CLIPTextConfig(**read_config(folder / "config.json"))
+        config = _text_config(folder / "config.json")
         file = find_weights_file(folder, stems=("model", "pytorch_model"))
         return _load_clip_weights(open_weights(file), file, config, device, dtype)
     weights = open_weights(path)

@@ -3,6 +3,11 @@
     torchrun --nproc_per_node=4 train.py --model /path/to/sd15 --data /path/to/shards   # the paper's run
     python train.py --model /path/to/sd15 --data /path/to/images --micro-batch 4        # one GPU, accumulates to 40
     torchrun --nproc_per_node=2 train.py                                                # the toy world, on CPU
+    torchrun --nproc_per_node=4 train.py ... --resume auto      # after a pre-emption: the newest valid checkpoint
+
+A run is never lost: checkpoints are written to a temporary folder and renamed in; SIGTERM or SIGINT (to the whole
+process group, as SLURM sends it) means "finish the step, checkpoint, exit 0"; resuming checks the checkpoint and
+refuses a change of what is trained (--allow-config-change to force it).
 
 The file reads top to bottom: configuration -> models -> the optimisation step -> checkpoints -> main (restore
 state, then the loop). One optimisation step (docs/paper.md, "The SCott training step"), per micro-batch:
@@ -16,7 +21,10 @@ bf16 on GPU), which also serves as D's backbone with D's LoRA delta switched on.
 import argparse
 import dataclasses
 import json
+import math
 import os
+import re
+import shutil
 import signal
 import sys
 import time
@@ -28,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import atomic_write
+from checkpoint import CheckpointError, atomic_write, check_regular_file, read_config
 from consistency import ConsistencyConfig, ema_update, scott_loss
 from data import DataConfig, build_latent_cache, make_loader
 from discriminator import Discriminator, DiscriminatorConfig, d_hinge_loss, g_hinge_loss
@@ -45,7 +53,7 @@ class TrainConfig:
     tokenizer: str = ""           # tokenizer folder, needed with a single-file --model
     data: str = ""                # image folder, tar shards or latent cache; "" = the toy world's synthetic data
     out: str = "runs/scott"       # checkpoints, log.jsonl and sample grids go here
-    resume: str = ""              # "auto" = the latest checkpoint in --out if there is one; or a checkpoint folder
+    resume: str = ""              # "auto" = the newest valid checkpoint in --out, if any; or a checkpoint folder
     cache_to: str = ""            # encode --data with the model's VAE and text encoder into a latent cache here, exit
     steps: int = 40_000           # total optimisation steps (paper: 40K)
     stop_after: int = 0           # stop (with a checkpoint) after this many steps in this invocation; 0 = never
@@ -65,10 +73,12 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 1000
     sample_every: int = 1000      # PNG grid of fixed prompts at 1, 2 and 4 steps; 0 = never
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2     # the newest N checkpoints of this run are kept (at least 1)
     max_nonfinite: int = 5        # stop after this many non-finite steps in a row
     check_sync_every: int = 0     # every N steps assert that all ranks hold identical weights (a DDP sanity check)
     deterministic: bool = False   # deterministic GPU kernels (slower): a resumed run then matches bit for bit
+    overwrite: bool = False       # start afresh in an --out that holds checkpoints: they move to out/replaced-<time>/
+    allow_config_change: bool = False  # resume although the teacher, D, its LoRA or the batch layout changed
 
 
 SD15_SAMPLE_PROMPTS = ["a photo of an astronaut riding a horse on the moon", "a watercolor painting of a fox",
@@ -82,9 +92,34 @@ def model_path(model: str) -> Path:
     return Path(model) if model else TOY_FOLDER
 
 
+# The smallest value of every integer flag (parse_args refuses any other integer flag) and what the flag is.
+INT_FLAGS = {"steps": (1, "total optimisation steps"), "stop_after": (0, "steps in this invocation; 0 = no limit"),
+             "global_batch": (1, "images per optimisation step"),
+             "micro_batch": (0, "images per GPU per forward; 0 = global batch / world size"),
+             "warmup": (0, "warm-up steps"), "seed": (0, "random seed"), "log_every": (1, "steps between log lines"),
+             "ckpt_every": (1, "steps between checkpoints"), "sample_every": (0, "steps between grids; 0 = never"),
+             "keep_checkpoints": (1, "checkpoints kept; the newest is always one of them"),
+             "max_nonfinite": (1, "non-finite steps in a row before stopping"),
+             "check_sync_every": (0, "steps between replica checks; 0 = never"),
+             "k": (1, "t_n − t_m in DDPM timesteps"), "substeps": (1, "teacher sub-steps per interval"),
+             "w_embed_dim": (1, "size of the ω embedding"), "lora_rank": (1, "rank of D's LoRA adapters"),
+             "resolution": (1, "training image side in pixels"), "min_size": (0, "smallest short side; 0 = auto"),
+             "shuffle_buffer": (1, "tar samples held for shuffling"), "num_workers": (0, "DataLoader workers per rank"),
+             "data_seed": (0, "data order seed")}
+# Floats that must be positive (True) or may also be 0 (False); every float flag must be finite.
+FLOAT_FLAGS = {"lr": True, "d_lr": True, "grad_clip": True, "lora_alpha": True, "weight_decay": False,
+               "adv_weight": False}
+
+
+def model_path(model: str) -> Path:
+    """--model, or the shipped toy model when it is empty."""
+    return Path(model) if model else TOY_FOLDER
+
+
 def parse_args(argv=None):
     """One argparse group per config dataclass; flags are the field names (--micro-batch, --eta, --lora-rank...).
-    With the toy model (no --model), toy.TRAINING_OVERRIDES replace the defaults of the flags not given."""
+    With the toy model (no --model), toy.TRAINING_OVERRIDES replace the defaults of the flags not given. Every
+    number is checked here (check_numbers), before anything is loaded."""
     groups = {"train": TrainConfig, "consistency": ConsistencyConfig, "discriminator": DiscriminatorConfig,
               "data": DataConfig}
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=(
@@ -103,12 +138,38 @@ def parse_args(argv=None):
             else:
                 group.add_argument(flag, type=type(default), default=None, help=shown)
     args = vars(parser.parse_args(argv))
+    model_index = model_path(args["model"]) / "model_index.json"
+    if model_index.exists():
+        read_config(model_index)  # a clear error naming the file if it is malformed (is_toy_model reads it)
     if is_toy_model(model_path(args["model"])):
         args.update({k: v for k, v in TOY_OVERRIDES.items() if args[k] is None})
+    check_numbers(parser, args)
     build = lambda cls, **extra: cls(**{f.name: args[f.name] for f in dataclasses.fields(cls)  # noqa: E731
                                         if args.get(f.name) is not None}, **extra)
-    return (build(TrainConfig), build(ConsistencyConfig), build(DiscriminatorConfig),
-            build(DataConfig, path=args["data"] or ""))
+    try:
+        return (build(TrainConfig), build(ConsistencyConfig), build(DiscriminatorConfig),
+                build(DataConfig, path=args["data"] or ""))
+    except ValueError as e:  # a config's own consistency checks (w_min ≤ w_max, k a multiple of substeps, ...)
+        parser.error(str(e))
+
+
+def check_numbers(parser, args: dict):
+    """parser.error (exit 2, naming the flag) for an integer below its INT_FLAGS minimum or a float that is not
+    finite or not in its FLOAT_FLAGS range; flags left at their defaults are checked too."""
+    defaults = {f.name: f.default for cls in (TrainConfig, ConsistencyConfig, DiscriminatorConfig, DataConfig)
+                for f in dataclasses.fields(cls)}
+    for name, default in defaults.items():
+        value = args.get(name) if args.get(name) is not None else default
+        flag = "--" + name.replace("_", "-")
+        if isinstance(default, int) and not isinstance(default, bool):
+            minimum, meaning = INT_FLAGS[name]
+            if value < minimum:
+                parser.error(f"{flag} {value}: must be an integer ≥ {minimum} ({meaning}).")
+        if isinstance(default, float):
+            if not math.isfinite(value):
+                parser.error(f"{flag} {value}: must be a finite number.")
+            if name in FLOAT_FLAGS and (value <= 0 if FLOAT_FLAGS[name] else value < 0):
+                parser.error(f"{flag} {value}: must be {'> 0' if FLOAT_FLAGS[name] else '≥ 0'}.")
 
 
 # ---- distributed set-up ----------------------------------------------------------------------------------------
@@ -323,12 +384,30 @@ def train_step(models: Models, opt, d_opt, micro_batches, cfg: TrainConfig, cons
 
 
 # ---- checkpoints -----------------------------------------------------------------------------------------------
+#
+# --out holds step-N folders (student/, target/, state.pt), `latest` (the newest one's name) and log.jsonl. A checkpoint
+# is written to .tmp-step-N, then renamed in. Saving a step that already has a folder first renames that folder to
+# .old-step-N and deletes it last, so at every instant a complete copy exists under one of the two names;
+# recover_out() puts an orphaned .old-step-N back and deletes partial .tmp-step-N folders when the next run starts.
+
+STATE_KEYS = ("step", "optimizer", "d_optimizer", "discriminator", "rng", "counters", "config")
+CHECKPOINT_NAME = re.compile(r"step-(\d+)")
+
+
+def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every step-N folder in `out`, sorted by the step number (not the name)."""
+    found = [(int(m.group(1)), p) for p in out.glob("step-*") if (m := CHECKPOINT_NAME.fullmatch(p.name))]
+    return sorted(found)
+
 
 def save_checkpoint(out: Path, step: int, models: Models, opt, d_opt, generator, counters, configs, keep: int,
                     rank: int):
-    """Write out/step-N atomically (temp folder + rename), then point out/latest at it (temp file + rename).
+    """Write out/step-N (write_checkpoint, publish), point out/latest at it, then delete the oldest checkpoints of the
+    run beyond `keep` (rotate). A failed write (disk full) removes its partial folder and stops the run with the
+    path and the OSError; the previous checkpoint is untouched.
 
-    Every rank's RNG state is gathered so a resumed run draws the same noise on every rank."""
+    Every rank's RNG state is gathered so a resumed run draws the same noise on every rank. `configs` is
+    describe_run's record, compared at resume."""
     rng = {"generator": generator.get_state(), "torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     all_rng = [None] * dist.get_world_size() if dist.is_initialized() else [rng]
@@ -336,50 +415,231 @@ def save_checkpoint(out: Path, step: int, models: Models, opt, d_opt, generator,
         dist.all_gather_object(all_rng, rng)
     if rank == 0:
         final, tmp = out / f"step-{step:07d}", out / f".tmp-step-{step:07d}"
-        save_unet(models.student, tmp / "student")
-        save_unet(models.target, tmp / "target")
-        torch.save({"step": step, "optimizer": opt.state_dict(), "d_optimizer": d_opt.state_dict() if d_opt else None,
-                    "discriminator": models.disc.state_dict() if models.disc else None, "rng": all_rng,
-                    "counters": counters, "config": {k: dataclasses.asdict(c) for k, c in configs.items()}},
-                   tmp / "state.pt")
-        if final.exists():  # a re-run of the same step (e.g. a stop right after a periodic checkpoint)
-            _remove(final)
-        os.replace(tmp, final)
-        atomic_write(out / "latest", lambda tmp: tmp.write_text(final.name))
-        for old in sorted(out.glob("step-*"))[:-keep]:
-            _remove(old)
+        state = {"step": step, "optimizer": opt.state_dict(), "d_optimizer": d_opt.state_dict() if d_opt else None,
+                 "discriminator": models.disc.state_dict() if models.disc else None, "rng": all_rng,
+                 "counters": counters, "config": configs}
+        try:
+            write_checkpoint(tmp, models, state)
+            publish(tmp, final)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            latest = out / "latest"
+            kept = f"{out / latest.read_text().strip()} is intact" if latest.is_file() else "no earlier checkpoint"
+            raise SystemExit(f"could not write the checkpoint of step {step} to {tmp} ({e}); removed the partial "
+                             f"folder; {kept}. Free space on that disk (or choose another --out), then continue with "
+                             f"--resume auto --out {out}.") from None
+        rotate(out, step, keep)
         print(f"saved checkpoint {final}", flush=True)
     if dist.is_initialized():
         dist.barrier()
 
 
-def _remove(folder: Path):
-    for p in sorted(folder.rglob("*"), reverse=True):
-        p.rmdir() if p.is_dir() else p.unlink()
-    folder.rmdir()
+def write_checkpoint(tmp: Path, models: Models, state: dict):
+    """The checkpoint's files into the (new) folder `tmp`: student/, target/ and state.pt."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_unet(models.student, tmp / "student")
+    save_unet(models.target, tmp / "target")
+    torch.save(state, tmp / "state.pt")
 
 
-def find_resume(cfg: TrainConfig) -> Path | None:
+def publish(tmp: Path, final: Path):
+    """Rename the complete folder `tmp` to `final` and point `latest` at it. An existing `final` (the same step
+    saved again) is renamed to .old-<name> first and deleted last: a kill at any instant leaves a complete copy
+    under one of the two names (recover_out restores it)."""
+    old = final.with_name(".old-" + final.name)
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    atomic_write(final.parent / "latest", lambda path: path.write_text(final.name))
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def rotate(out: Path, step: int, keep: int):
+    """Delete checkpoints of steps below `step` until `keep` remain with step-N itself, oldest (by step number)
+    first. Folders of later steps are left alone: they are not this run's to delete."""
+    older = [folder for s, folder in list_checkpoints(out) if s < step]
+    for folder in older[:max(0, len(older) - (keep - 1))]:
+        shutil.rmtree(folder)
+
+
+def recover_out(out: Path) -> list[str]:
+    """Undo what a killed or failed checkpoint write left in `out`: an .old-step-N whose step-N is missing is
+    renamed back, any other .old-step-N and every partial .tmp-step-N is deleted. Returns what was done, in words."""
+    notes = []
+    for old in sorted(out.glob(".old-step-*")):
+        final = out / old.name.removeprefix(".old-")
+        if final.exists():
+            shutil.rmtree(old)
+            notes.append(f"removed {old} (left by an interrupted re-save; {final.name} is complete)")
+        else:
+            os.replace(old, final)
+            notes.append(f"restored {final} from {old.name} (an interrupted re-save)")
+    for tmp in sorted(out.glob(".tmp-step-*")):
+        shutil.rmtree(tmp)
+        notes.append(f"removed the partial checkpoint {tmp} (an interrupted or failed write)")
+    return notes
+
+
+def prepare_out(out: Path, cfg: TrainConfig):
+    """Make --out ready (rank 0, before anything is loaded): create it, recover_out, and refuse a fresh start into
+    a folder that holds checkpoints (their rotation would mix two runs) unless --overwrite, which moves the earlier
+    run's checkpoints, latest, log and grids into out/replaced-<time>/."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"--out {out}: cannot create the folder ({e}); choose another --out.") from None
+    for note in recover_out(out):
+        print(note, flush=True)
+    checkpoints = list_checkpoints(out)
+    if cfg.resume or not checkpoints:
+        return
+    if not cfg.overwrite:
+        raise SystemExit(f"--out {out} holds checkpoints of an earlier run (newest {checkpoints[-1][1].name}). "
+                         f"Continue it with --resume auto, choose another --out, or pass --overwrite to move them "
+                         f"into {out}/replaced-<time>/ and start afresh.")
+    earlier = [folder for _, folder in checkpoints] + sorted(out.glob("samples-*.png")) + [
+        p for p in (out / "latest", out / "log.jsonl") if p.exists()]
+    set_aside(out, earlier, "--overwrite: the earlier run's checkpoints, log and grids")
+
+
+def set_aside(out: Path, paths: list[Path], what: str):
+    """Move `paths` into a new out/replaced-<time>/ folder (nothing is deleted) and say so."""
+    aside = out / time.strftime("replaced-%Y%m%d-%H%M%S")
+    aside.mkdir(exist_ok=True)
+    for path in paths:
+        os.replace(path, aside / path.name)
+    print(f"{what}: moved {len(paths)} file(s) and folder(s) to {aside}", flush=True)
+
+
+@dataclass
+class Resume:
+    """A checkpoint found valid by load_checkpoint: its folder, state.pt, and its student and target (on the CPU)."""
+    folder: Path
+    state: dict
+    student: UNet
+    target: UNet
+
+
+def load_checkpoint(folder: Path) -> Resume:
+    """Load and check a checkpoint folder: state.pt readable with all STATE_KEYS, student/ and target/ loadable.
+    A CheckpointError says what is wrong."""
+    state_file = folder / "state.pt"
+    check_regular_file(state_file, "the checkpoint's state.pt")
+    try:
+        state = torch.load(state_file, weights_only=True, map_location="cpu")
+    except Exception as e:  # a truncated or corrupt pickle raises many types: EOFError, RuntimeError, ...
+        raise CheckpointError(f"{state_file}: unreadable ({type(e).__name__}: {str(e)[:200]}); the file is "
+                              "truncated or corrupt.") from None
+    missing = [k for k in STATE_KEYS if k not in state] if isinstance(state, dict) else list(STATE_KEYS)
+    if missing:
+        raise CheckpointError(f"{state_file}: lacks {missing}; not a checkpoint written by train.py.")
+    return Resume(folder, state, load_unet(folder / "student"), load_unet(folder / "target"))
+
+
+def find_resume(cfg: TrainConfig, out: Path, master: bool) -> Resume | None:
+    """The checkpoint to resume from: --resume PATH (which must be valid), or with `auto` the newest valid one in
+    --out, saying which were skipped and why (None when --out holds none: a fresh start)."""
     if not cfg.resume:
         return None
-    if cfg.resume == "auto":
-        latest = Path(cfg.out) / "latest"
-        return Path(cfg.out) / latest.read_text().strip() if latest.is_file() else None
-    path = Path(cfg.resume)
-    if not (path / "state.pt").is_file():
-        raise SystemExit(f"--resume {path}: not a checkpoint folder (no state.pt); pass a step-N folder or 'auto'.")
-    return path
+    if cfg.resume != "auto":
+        try:
+            return load_checkpoint(Path(cfg.resume))
+        except (CheckpointError, OSError) as e:
+            raise SystemExit(f"--resume {cfg.resume}: not a usable checkpoint folder: {e} Pass a step-N folder "
+                             "written by train.py, or 'auto' for the newest valid one in --out.") from None
+    skipped = []
+    latest = out / "latest"
+    if latest.is_file() and not (out / latest.read_text().strip()).is_dir():
+        skipped.append(f"{latest} names {latest.read_text().strip()!r}, which does not exist")
+    for _, folder in reversed(list_checkpoints(out)):
+        try:
+            found = load_checkpoint(folder)
+        except (CheckpointError, OSError) as e:
+            skipped.append(f"skipped {folder.name}: {e}")
+            continue
+        if master:
+            for note in skipped:
+                print(f"--resume auto: {note}", flush=True)
+        return found
+    if list_checkpoints(out):
+        raise SystemExit(f"--resume auto: no valid checkpoint in {out}:\n  " + "\n  ".join(skipped) + "\nRepair or "
+                         "remove them, pass --resume PATH, or start afresh with --overwrite.")
+    return None
 
 
-def restore(checkpoint: Path, state: dict, models: Models, opt, d_opt, generator, rank: int, device):
+# What a resumed run may not change without --allow-config-change: what is trained, and on which batches. Keys are
+# describe_run's, flattened ("section.field"). Every other setting that differs is printed.
+GUARDED = {"run.model": "the teacher (--model)", "run.world": "the world size", "run.discriminator":
+           "the discriminator on/off (--adv-weight)", "discriminator.lora_rank": "D's LoRA rank",
+           "discriminator.lora_alpha": "D's LoRA alpha", "train.global_batch": "the global batch",
+           "train.micro_batch": "the micro-batch", "run.accumulation": "the gradient accumulation",
+           "consistency.w_embed_dim": "the student's ω embedding (architecture)",
+           "consistency.timestep_scaling": "the student's boundary scalings",
+           "consistency.sigma_data": "the student's boundary scalings"}
+# Settings that only say where to write, how often, and how to stop: never compared.
+UNCOMPARED = {"train.resume", "train.out", "train.stop_after", "train.cache_to", "train.log_every", "train.ckpt_every",
+              "train.sample_every", "train.keep_checkpoints", "train.check_sync_every", "train.overwrite",
+              "train.allow_config_change", "train.model", "train.steps"}
+
+
+def describe_run(configs: dict, model: Path, world: int, accumulation: int) -> dict:
+    """What a checkpoint records of the run: every config's fields, plus the resolved teacher path, the world size,
+    the accumulation and whether D is on (the "run" section)."""
+    described = {name: dataclasses.asdict(c) for name, c in configs.items()}
+    described["run"] = {"model": str(model.resolve()), "world": world, "accumulation": accumulation,
+                        "discriminator": configs["train"].adv_weight > 0}
+    return described
+
+
+def compare_configs(saved: dict, current: dict, allow_change: bool, master: bool):
+    """Differences between a checkpoint's describe_run record and this run's. A GUARDED one raises SystemExit
+    unless `allow_change`; the others are printed (rank 0)."""
+    flat = lambda d: {f"{section}.{k}": v for section, fields in d.items() for k, v in fields.items()}  # noqa: E731
+    before, now = flat(saved), flat(current)
+    changed = {k: (before[k], now[k]) for k in now if k in before and k not in UNCOMPARED and before[k] != now[k]}
+    guarded = [f"{GUARDED[k]}: {old!r} -> {new!r}" for k, (old, new) in changed.items() if k in GUARDED]
+    if guarded and not allow_change:
+        raise SystemExit("--resume: this run differs from the checkpoint in what is trained:\n  " + "\n  ".join(
+            guarded) + "\nResume with the checkpoint's settings, start afresh in another --out, or pass "
+            "--allow-config-change to continue anyway (the noise streams are re-derived if the world size changed).")
+    if master:
+        for k, (old, new) in changed.items():
+            print(f"--resume: {'allowed change of ' + GUARDED[k] if k in GUARDED else k}: {old!r} -> {new!r}")
+
+
+def restore(resume: Resume, models: Models, opt, d_opt, generator, cfg: TrainConfig, rank: int, world: int,
+            device, master: bool):
     """Load a checkpoint into the modules the run already built (so the optimiser's parameter order is unchanged)
-    and continue every random stream where it stopped."""
-    models.student.load_state_dict(load_unet(checkpoint / "student", device).state_dict())
-    models.target.load_state_dict(load_unet(checkpoint / "target", device).state_dict())
+    and continue every random stream where it stopped; after a world-size change (--allow-config-change) the
+    streams are re-derived from --seed, the step and the rank instead. D and its optimiser are restored when both
+    the checkpoint and this run have D."""
+    state = resume.state
+    for module, saved, name in ((models.student, resume.student, "student"), (models.target, resume.target, "target")):
+        if module.config != saved.config:
+            raise SystemExit(f"--resume {resume.folder}: its {name} is another architecture than this run's "
+                             f"(--model and the consistency settings make {module.config}, the checkpoint holds "
+                             f"{saved.config}); resume with the teacher it was trained from.")
+        module.load_state_dict(saved.state_dict())
     opt.load_state_dict(state["optimizer"])
-    if models.disc:
-        models.disc.load_state_dict(state["discriminator"])
+    shapes = lambda weights: {k: tuple(v.shape) for k, v in weights.items()}  # noqa: E731
+    saved_d = state["discriminator"]
+    if models.disc and saved_d is not None and shapes(saved_d) == shapes(models.disc.state_dict()):
+        models.disc.load_state_dict(saved_d)
         d_opt.load_state_dict(state["d_optimizer"])
+    elif master and (models.disc or saved_d is not None):  # only with --allow-config-change (compare_configs)
+        print("--resume: " + ("the checkpoint's D and its optimiser are dropped (this run has no D)" if not models.disc
+                              else "D starts afresh (the checkpoint has " + (
+                                  "none)" if saved_d is None else "another LoRA shape)")), flush=True)
+    if len(state["rng"]) != world:
+        seed = (cfg.seed * 1_000_003 + state["step"]) * 4096 + rank
+        generator.manual_seed(seed)
+        torch.manual_seed(seed)
+        if master:
+            print(f"--resume: world size {len(state['rng'])} -> {world}: every rank's noise stream is re-derived from "
+                  "--seed, the step and the rank (the run will not match an uninterrupted one bit for bit)",
+                  flush=True)
+        return
     rng = state["rng"][rank]
     generator.set_state(rng["generator"])
     torch.set_rng_state(rng["torch"])
@@ -445,12 +705,28 @@ def main(argv=None):
     accumulation = cfg.global_batch // (cfg.micro_batch * world)
     if cfg.cache_to:
         return cache_latents(cfg, data_cfg, device)
-    resume_from = find_resume(cfg)
-    state = torch.load(resume_from / "state.pt", weights_only=True, map_location="cpu") if resume_from else None
-    start_step = state["step"] if state else 0
+    if master:
+        prepare_out(out, cfg)
+    if dist.is_initialized():
+        dist.barrier()  # every rank looks for checkpoints once rank 0 has cleaned --out up
+    configs = describe_run({"train": cfg, "consistency": consistency, "discriminator": disc_cfg, "data": data_cfg},
+                           model, world, accumulation)
+    resume = find_resume(cfg, out, master)
+    if resume:
+        saved = {"run": {"world": len(resume.state["rng"])}, **resume.state["config"]}  # older ones lack "run"
+        compare_configs(saved, configs, cfg.allow_config_change, master)
+    start_step = resume.state["step"] if resume else 0
+    later = [folder for step, folder in list_checkpoints(out) if step > start_step] if master else []
+    if later:  # another branch of the run, or damaged: `--resume auto` must not come back to them
+        set_aside(out, later, f"--resume from step {start_step}: the later checkpoints in --out")
     loader = make_batches(cfg, data_cfg, toy_world, rank, world, start_batch=start_step * accumulation)
     if master and toy_world:
         print(f"toy world: defaults {TOY_OVERRIDES} (flags given on the command line win)")
+    # A scheduler's SIGTERM (or Ctrl-C's SIGINT) reaches the whole process group: each rank finishes its step,
+    # checkpoints and exits 0 (data.py's workers ignore both signals, so the data keeps flowing until then).
+    stop = {"signal": None}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop.update(signal=signum))
 
     # -- models, optimisers, random streams; then the saved state, if resuming
     torch.manual_seed(cfg.seed)  # the same on every rank: D's LoRA initialisation must be identical everywhere
@@ -460,12 +736,11 @@ def main(argv=None):
     models = build_models(bundle, cfg, consistency, disc_cfg, device, world)
     opt, d_opt = build_optimizers(models, cfg, device)
     counters = {"skipped_images": 0, "nonfinite_steps": 0}
-    if state:
-        restore(resume_from, state, models, opt, d_opt, generator, rank, device)
-        counters = state["counters"]
+    if resume:
+        restore(resume, models, opt, d_opt, generator, cfg, rank, world, device, master)
+        counters = resume.state["counters"]
 
     if master:
-        out.mkdir(parents=True, exist_ok=True)
         n_params = sum(p.numel() for p in models.student.parameters())
         print(f"model {model} ({'toy world' if toy_world else 'SD1.5'}), student {n_params / 1e6:.1f}M params, "
               f"device {device}, world {world}, bf16 {cfg.bf16}")
@@ -476,14 +751,11 @@ def main(argv=None):
                   f"head, trainable fraction {100 * models.disc.trainable_fraction(models.teacher):.2f}% of the UNet")
         print(f"SCott: k={consistency.k}, h={consistency.substeps}, eta={consistency.eta}, "
               f"w∈[{consistency.w_min}, {consistency.w_max}], ema={consistency.ema_decay}, loss={consistency.loss}; "
-              f"resume from {resume_from}", flush=True)
+              f"resume from {resume.folder if resume else None}", flush=True)
 
-    stop = {"signal": None}
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: stop.update(signal=signum))
-    configs = {"train": cfg, "consistency": consistency, "discriminator": disc_cfg, "data": data_cfg}
     save = lambda step: save_checkpoint(out, step, models, opt, d_opt, generator, counters, configs,  # noqa: E731
                                         cfg.keep_checkpoints, rank)
+    del resume  # its CPU copies of the student and target are no longer needed
 
     # -- the loop
     nonfinite_in_a_row, t_last, step = 0, time.time(), start_step

@@ -23,7 +23,8 @@ from safetensors.torch import save_file
 import torch.utils.checkpoint
 
 from checkpoint import (LDM_UNET_PREFIX, atomic_write, SUPPORTED, CheckpointError, RenamedWeights, detect_foreign,
-                        find_weights_file, load_strict, open_weights, read_config, shape_of)
+                        find_weights_file, is_positive, is_positive_int_list, load_strict, open_weights,
+                        read_config, require, shape_of)
 
 
 @dataclass
@@ -112,6 +113,20 @@ class UNetConfig:
                    if k not in config]
         if missing:
             raise CheckpointError(f"{source}: missing {missing}; not a diffusers UNet2DConditionModel config.")
+        uniform_positive = lambda v: isinstance(_uniform(v), int) and is_positive(_uniform(v))  # noqa: E731
+        for key in ("in_channels", "out_channels", "cross_attention_dim"):
+            require(config, key, int, source, is_positive, "a positive integer")
+        require(config, "block_out_channels", list, source, is_positive_int_list, "a list of positive integers")
+        for key in ("layers_per_block", "attention_head_dim"):
+            require(config, key, (int, list), source, uniform_positive, "a positive integer")
+        for key in ("down_block_types", "up_block_types"):
+            require(config, key, list, source, lambda v: all(isinstance(t, str) for t in v), "a list of block names")
+        require(config, "norm_num_groups", int, source, is_positive, "a positive integer", default=32)
+        for key in ("time_cond_proj_dim", "sample_size"):
+            require(config, key, (int, type(None)), source, lambda v: v is None or v >= 0,
+                    "a non-negative integer or null", default=None)
+        for key in STUDENT_KEYS:
+            require(config, key, float, source, math.isfinite, "a finite number", default=1.0)
         down, up = config["down_block_types"], config["up_block_types"]
         if any(t not in DOWN_TYPES.values() for t in down) or [UP_OF[t] for t in reversed(down)] != up:
             raise unsupported(f"block types {down} / {up}; expected each of {list(DOWN_TYPES.values())} going down "

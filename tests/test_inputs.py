@@ -1,0 +1,165 @@
+"""Bad input gets a clear error that names the flag or file, says what is wrong and what to do, before any heavy
+work: train.py's numeric flags and model_index.json, sample.py's flags, --out, student and output, and the values of
+a diffusers UNet config.json, a CLIP config.json and a scheduler config."""
+import dataclasses
+import json
+import shutil
+
+import pytest
+import torch
+
+import sample
+import train
+from checkpoint import CheckpointError
+from consistency import ConsistencyConfig
+from data import DataConfig
+from discriminator import DiscriminatorConfig
+from sd15 import TOY_FOLDER, load_sd15
+from tiny_models import write_tiny_sd15
+from unet import load_unet, make_student, save_unet
+
+SIZE = ["--height", "32", "--width", "32"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd15")
+    unet, _, _ = write_tiny_sd15(root)
+    save_unet(make_student(unet, 16), root / "student")
+    return root
+
+
+def parse_error(capsys, parse, argv) -> str:
+    """argparse's message for argv (which must exit 2)."""
+    with pytest.raises(SystemExit) as exited:
+        parse(argv)
+    assert exited.value.code == 2
+    return capsys.readouterr().err
+
+
+# ---- train.py ----------------------------------------------------------------------------------------------------
+
+def int_fields():
+    return [f.name for cls in (train.TrainConfig, ConsistencyConfig, DiscriminatorConfig, DataConfig)
+            for f in dataclasses.fields(cls) if f.type in (int, "int")]
+
+
+def test_every_integer_flag_has_a_rule():
+    assert set(int_fields()) == set(train.INT_FLAGS)
+
+
+@pytest.mark.parametrize("name", sorted(train.INT_FLAGS))
+def test_train_refuses_an_integer_flag_below_its_minimum(capsys, name):
+    minimum, meaning = train.INT_FLAGS[name]
+    flag = "--" + name.replace("_", "-")
+    err = parse_error(capsys, train.parse_args, [flag, str(minimum - 1)])
+    assert f"{flag} {minimum - 1}: must be an integer ≥ {minimum} ({meaning})" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ckpt-every", "0"], "--ckpt-every 0: must be an integer ≥ 1"),  # was a ZeroDivisionError after loading
+    (["--global-batch", "0"], "--global-batch 0: must be an integer ≥ 1"),  # was "training" on zero samples
+    (["--keep-checkpoints", "0"], "--keep-checkpoints 0: must be an integer ≥ 1"),  # silently kept all
+    (["--keep-checkpoints", "-1"], "--keep-checkpoints -1: must be an integer ≥ 1"),  # deleted every checkpoint
+    (["--lr", "nan"], "--lr nan: must be a finite number"),
+    (["--lr", "0"], "--lr 0.0: must be > 0"),
+    (["--adv-weight", "-0.5"], "--adv-weight -0.5: must be ≥ 0"),
+    (["--eta", "inf"], "--eta inf: must be a finite number"),
+    (["--w-min", "9", "--w-max", "3"], "need w_min ≤ w_max"),
+])
+def test_train_refuses_bad_numbers_at_parse_time(capsys, argv, message):
+    assert message in parse_error(capsys, train.parse_args, argv)
+
+
+def test_train_names_a_malformed_model_index(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline",')  # cut short
+    with pytest.raises(CheckpointError, match="model_index.json: not valid JSON"):
+        train.main(["--model", str(model), "--data", str(tmp_path)])
+
+
+# ---- sample.py ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, message", [
+    (["--n", "0"], "--n 0: must be an integer ≥ 1"),  # was an IndexError
+    (["--steps", "0"], "--steps 0: must be an integer ≥ 1"),  # was silently the default
+    (["--height", "0"], "--height 0: must be an integer ≥ 1"),  # likewise
+    (["--width", "-8"], "--width -8: must be an integer ≥ 1"),
+    (["--guidance", "nan"], "--guidance nan: must be a finite number ≥ 0"),  # was an all-black PNG, exit 0
+    (["--eta", "-1"], "--eta -1.0: must be a finite number ≥ 0"),
+    (["--out", "grid.jpg"], "--out grid.jpg: must name a .png file"),
+])
+def test_sample_refuses_bad_flags_before_loading(capsys, monkeypatch, argv, message):
+    monkeypatch.setattr(sample, "load_sd15", lambda *a, **k: pytest.fail("loaded a model before checking flags"))
+    assert message in parse_error(capsys, sample.main, argv)
+
+
+def test_sample_checks_out_before_sampling(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sample, "load_sd15", lambda *a, **k: pytest.fail("loaded a model before checking --out"))
+    (tmp_path / "folder.png").mkdir()
+    assert "is a folder" in parse_error(capsys, sample.main, ["--out", str(tmp_path / "folder.png")])
+    (tmp_path / "file").write_text("x")
+    assert "cannot write under" in parse_error(capsys, sample.main, ["--out", str(tmp_path / "file" / "a.png")])
+
+
+def test_sample_refuses_a_student_of_another_model(tiny, tmp_path, capsys):
+    err = parse_error(capsys, sample.main, ["--model", str(tiny), "--student", str(TOY_FOLDER / "student"),
+                                            "--prompt", "a cat", *SIZE, "--out", str(tmp_path / "x.png")])
+    assert "distilled from another model" in err and "3 latent channels and text width 64" in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_sample_refuses_to_write_non_finite_images(tiny, tmp_path):
+    student = load_unet(tiny / "student")
+    with torch.no_grad():
+        next(student.parameters()).fill_(float("nan"))
+    save_unet(student, tmp_path / "nan-student")
+    out = tmp_path / "x.png"
+    with pytest.raises(SystemExit, match="non-finite pixels.*was not written"):
+        sample.main(["--model", str(tiny), "--student", str(tmp_path / "nan-student"), "--prompt", "a cat", *SIZE,
+                     "--out", str(out)])
+    assert not out.exists()
+
+
+def test_sample_says_once_that_long_prompts_are_truncated(tiny, tmp_path, capsys):
+    sample.main(["--model", str(tiny), "--student", str(tiny / "student"), "--prompt", "a cat " * 30,
+                 "--prompt", "a dog " * 30, "--prompt", "a fox", *SIZE, "--out", str(tmp_path / "x.png")])
+    printed = capsys.readouterr().out
+    assert printed.count("longer than the 77 tokens") == 1 and "2 prompt(s) (first: #1)" in printed
+
+
+# ---- config.json values ------------------------------------------------------------------------------------------
+
+def edit_config(model, part: str, **changes):
+    """Copy the tiny model and change its part/config.json (a value of None deletes the key)."""
+    path = model / part
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+    return model
+
+
+@pytest.mark.parametrize("part, changes, message", [
+    ("unet/config.json", {"in_channels": "4"}, "in_channels = '4' is invalid; it must be a positive integer"),
+    ("unet/config.json", {"block_out_channels": [32, "64"]}, "block_out_channels = \\[32, '64'\\] is invalid"),
+    ("unet/config.json", {"layers_per_block": 0}, "layers_per_block = 0 is invalid"),
+    ("unet/config.json", {"norm_num_groups": 0}, "norm_num_groups = 0 is invalid"),
+    ("unet/config.json", {"attention_head_dim": 2.5}, "attention_head_dim = 2.5 is invalid"),
+    ("unet/config.json", {"sample_size": "8"}, "sample_size = '8' is invalid"),
+    ("text_encoder/config.json", {"num_attention_heads": 0}, "num_attention_heads = 0 is invalid"),
+    ("text_encoder/config.json", {"hidden_size": "32"}, "hidden_size = '32' is invalid"),
+    ("text_encoder/config.json", {"num_attention_heads": 5}, "hidden_size = 32 is invalid; it must be a multiple"),
+    ("scheduler/scheduler_config.json", {"num_train_timesteps": 0}, "num_train_timesteps = 0 is invalid"),
+    ("scheduler/scheduler_config.json", {"beta_start": "0.00085"}, "beta_start = '0.00085' is invalid"),
+    ("scheduler/scheduler_config.json", {"beta_schedule": "cosine"}, "beta_schedule = 'cosine' is invalid"),
+])
+def test_wrong_values_in_a_config_json_name_the_file(tiny, tmp_path, part, changes, message):
+    model = tmp_path / "model"
+    shutil.copytree(tiny, model)
+    (model / "scheduler").mkdir(exist_ok=True)
+    if not (model / "scheduler" / "scheduler_config.json").exists():
+        (model / "scheduler" / "scheduler_config.json").write_text(json.dumps({"beta_schedule": "scaled_linear"}))
+    edit_config(model, part, **changes)
+    with pytest.raises(CheckpointError, match=f"{part}: {message}"):
+        load_sd15(model)
