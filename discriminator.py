@@ -12,8 +12,8 @@ latent z0, fake = the student's prediction ẑ0; hinge loss. Open choices, and o
 
 Memory: D holds no second UNet. The LoRA delta (lora.Adapters) is added by forward hooks on the teacher's own
 decoder Linear layers and only while `active(backbone)` is entered, so outside that block the teacher computes exactly
-the teacher. The LoRA weights and the head live in this module (so an optimiser, a checkpoint or an all-reduce sees only them); the
-backbone is passed in at call time and never registered as a submodule.
+the teacher. The LoRA weights and the head live in this module (so an optimiser, a checkpoint or an all-reduce sees
+only them); the backbone is passed in at call time and never registered as a submodule.
 
 Gradients: the generator loss must reach the student *through* the frozen backbone, so D's forward never runs under
 no_grad; D's own step scores `x_fake.detach()`, so it never reaches the student.
