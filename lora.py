@@ -273,6 +273,8 @@ def load_kohya(path, unet: nn.Module) -> Adapters:
         raise CheckpointError(f"{path}: {len(unknown)} LoRA module(s) this SD1.x UNet does not have (e.g. "
                               f"{unknown[0]!r}): a LoRA for another architecture (SDXL, SD 2.x?).")
     layers = dict(getattr(unet, "_orig_mod", unet).named_modules())
+    order = {p: i for i, p in enumerate(layers)}
+    modules.sort(key=lambda m: order[names[m]])  # the UNet's module order, as Adapters.for_config builds them
     adapters = Adapters({names[m]: _kohya_lora(weights, KOHYA_PREFIX + m, layers[names[m]], path) for m in modules})
     return adapters.to(next(unet.parameters()).device)
 
