@@ -136,10 +136,15 @@ def test_adapters_file_round_trip_and_wrong_architecture(tmp_path):
     loaded = load_adapters(tmp_path / "adapters.safetensors", teacher)
     assert loaded.targets == adapters.targets
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), adapters.state_dict().values()))
-    other = UNet(UNetConfig(block_channels=(32, 32), layers_per_block=1, attention_levels=(True, False), num_heads=2,
-                            cross_attention_dim=32))
+    other = UNet(UNetConfig(block_channels=(64, 128), layers_per_block=1, attention_levels=(True, False), num_heads=2,
+                            cross_attention_dim=32))  # the same module paths, other shapes
     with pytest.raises(CheckpointError, match="does not fit"):
         load_adapters(tmp_path / "adapters.safetensors", other)
+    with pytest.raises(ValueError, match="another architecture"), adapters.active(other):
+        pass  # refused before any hook is placed ...
+    assert no_hooks(other)
+    with pytest.raises(ValueError, match="another architecture"):
+        merge(adapters, other)  # ... and before any weight is changed
     save_kohya(adapters, tmp_path / "kohya.safetensors")
     with pytest.raises(CheckpointError, match="not an adapters file"):
         load_adapters(tmp_path / "kohya.safetensors", teacher)
