@@ -211,10 +211,11 @@ def sample_consistency(student, x: torch.Tensor, cond, w, timesteps, schedule: N
     over descending `timesteps` τ_0 > τ_1 > … (consistency_timesteps(N) for LCM's N-step grid): at each τ_i the
     student predicts x̂0 = f_θ(x, τ_i), the last x̂0 is returned, and in between `renoise(x, x̂0, τ_i, τ_{i+1},
     schedule, noise_sampler)` (renoise_lcm or renoise_tcd) moves to τ_{i+1}. `timestep_scaling`, `sigma_data`: the
-    student's boundary scalings (student.config for a UNet). TCD's own last step jumps to t = 0; we return x̂0."""
+    student's boundary scalings (student.config for a UNet). TCD's own last step jumps to t = 0; we return x̂0.
+    w = None samples a student without an ω input (a LoRA student: the teacher's UNet with its adapters merged)."""
     timesteps = check_timesteps(timesteps, schedule)
     B = x.shape[0]
-    w = torch.as_tensor(w, dtype=torch.float32, device=x.device).expand(B)
+    w = None if w is None else torch.as_tensor(w, dtype=torch.float32, device=x.device).expand(B)  # None: no ω input
     for i, tau in enumerate(timesteps):
         t = torch.full((B,), tau, dtype=torch.long, device=x.device)
         x0_hat = consistency_fn(student, x, t, cond, w, schedule, timestep_scaling, sigma_data)

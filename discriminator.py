@@ -10,10 +10,10 @@ latent z0, fake = the student's prediction ẑ0; hinge loss. Open choices, and o
     scores whatever latent it is given at the timestep it is given: `D(backbone, x_t, t, context)`;
   - rank: `lora_rank` (the default puts the trainable fraction near the paper's 3.6 % on SD1.5).
 
-Memory: D holds no second UNet. The LoRA delta is added by forward hooks on the teacher's own decoder Linear layers
-and only while `active(backbone)` is entered, so outside that block the teacher computes exactly the teacher. The
-LoRA weights and the head live in this module (so an optimiser, a checkpoint or an all-reduce sees only them); the
-backbone is passed in at call time and never registered as a submodule.
+Memory: D holds no second UNet. The LoRA delta (lora.Adapters) is added by forward hooks on the teacher's own
+decoder Linear layers and only while `active(backbone)` is entered, so outside that block the teacher computes exactly
+the teacher. The LoRA weights and the head live in this module (so an optimiser, a checkpoint or an all-reduce sees
+only them); the backbone is passed in at call time and never registered as a submodule.
 
 Gradients: the generator loss must reach the student *through* the frozen backbone, so D's forward never runs under
 no_grad; D's own step scores `x_fake.detach()`, so it never reaches the student.
@@ -25,6 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lora import Adapters
+
 
 @dataclass
 class DiscriminatorConfig:
@@ -32,21 +34,6 @@ class DiscriminatorConfig:
     lora_alpha: float = 128.0   # delta scale = alpha / rank (1.0 by default)
     renoise: bool = False       # False: the trainer shows D clean latents at t = 0 (paper: real z0 vs fake ẑ0);
                                 # True: real and fake noised to one shared random t with shared noise
-
-
-class LoRA(nn.Module):
-    """Low-rank delta B·A for one frozen Linear layer (Hu et al. 2021). B starts at zero, so D starts as the UNet."""
-
-    def __init__(self, in_features: int, out_features: int, rank: int, scale: float):
-        super().__init__()
-        self.down = nn.Linear(in_features, rank, bias=False)
-        self.up = nn.Linear(rank, out_features, bias=False)
-        nn.init.kaiming_uniform_(self.down.weight, a=5 ** 0.5)
-        nn.init.zeros_(self.up.weight)
-        self.scale = scale
-
-    def forward(self, x):
-        return self.up(self.down(x)) * self.scale
 
 
 class Discriminator(nn.Module):
@@ -60,11 +47,7 @@ class Discriminator(nn.Module):
                         if name.startswith("up_blocks.") and isinstance(m, nn.Linear)]
         if not self.targets:
             raise ValueError("the backbone has no Linear layers in up_blocks: is it a UNet from unet.py?")
-        layers = dict(backbone.named_modules())
-        # ModuleDict keys may not contain dots.
-        self.lora = nn.ModuleDict({
-            name.replace(".", "__"): LoRA(layers[name].in_features, layers[name].out_features, cfg.lora_rank,
-                                          cfg.lora_alpha / cfg.lora_rank) for name in self.targets})
+        self.lora = Adapters.build(backbone, self.targets, cfg.lora_rank, cfg.lora_alpha)
         width = backbone.up_blocks[-1].resnets[-1].conv2.out_channels  # channels of the last decoder feature map
         self.head = nn.Sequential(nn.GroupNorm(32 if width % 32 == 0 else 1, width), nn.SiLU(),
                                   nn.Conv2d(width, 1, 3, padding=1))
@@ -75,18 +58,12 @@ class Discriminator(nn.Module):
         """Within this block, the backbone's decoder Linear layers add their LoRA delta and the last decoder
         feature map is appended to `features`. On exit the backbone is the plain teacher again."""
         backbone = getattr(backbone, "_orig_mod", backbone)  # a torch.compile'd UNet: hook the module it wraps
-        layers = dict(backbone.named_modules())
-        hooks = [layers[name].register_forward_hook(self._add_delta(name)) for name in self.targets]
-        hooks.append(backbone.up_blocks[-1].register_forward_hook(lambda m, i, out: features.append(out)))
+        hook = backbone.up_blocks[-1].register_forward_hook(lambda m, i, out: features.append(out))
         try:
-            yield
+            with self.lora.active(backbone):
+                yield
         finally:
-            for h in hooks:
-                h.remove()
-
-    def _add_delta(self, name):
-        lora = self.lora[name.replace(".", "__")]
-        return lambda module, inputs, out: out + lora(inputs[0]).to(out.dtype)
+            hook.remove()
 
     def forward(self, backbone, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """Patch logits (B, 1, h, w) for latents x_t (B, 4, h, w) at timesteps t (B,): the backbone's decoder with

@@ -6,6 +6,7 @@
     python export.py --model PATH/sd15 --student runs/scott/step-N/student --to diffusers-unet --guidance 7.5 \\
         --out scott-unet-w7.5
     python export.py --to single-file --guidance 3 --out toy.safetensors       # the shipped toy model, no download
+    python export.py --model PATH/sd15 --lora runs/scott-lora/step-N --to lora --out scott-lora.safetensors
 
 Targets:
   pipeline        a complete diffusers LatentConsistencyModelPipeline folder: the student keeps its ω input
@@ -14,6 +15,9 @@ Targets:
   single-file     one original-layout checkpoint (UNet + VAE + text encoder, the keys A1111 and ComfyUI read), with
                   ω baked into a plain SD1.5 UNet (unet.bake_guidance: exact) and the sampler to use in its metadata.
   diffusers-unet  the baked UNet alone as a plain diffusers UNet2DConditionModel folder.
+  lora            a LoRA student (--lora: the adapters.safetensors of a run, or its folder) as one kohya-format
+                  LoRA file for the --model it was distilled from, which A1111, ComfyUI and diffusers'
+                  load_lora_weights apply to that model or to its fine-tunes (no ω input: sample with CFG 1).
 Every output is written under a temporary name and renamed into place, so `--out` is either absent, the old
 output (with --overwrite) or the whole new one, never half written.
 """
@@ -29,12 +33,14 @@ from safetensors.torch import save_file
 
 from checkpoint import LDM_TEXT_PREFIX, LDM_UNET_PREFIX, LDM_VAE_PREFIX, CheckpointError, atomic_write
 from consistency import consistency_timesteps
+from lora import load_adapters, save_kohya
 from sd15 import TOY_FOLDER, SD15, ldm_text_state_dict, load_sd15
 from sde_solver import NoiseSchedule
 from unet import UNet, bake_guidance, ldm_unet_state_dict, load_unet, save_unet
 from vae import IdentityVAE, ldm_vae_state_dict, save_vae
 
-TARGETS = ("pipeline", "single-file", "diffusers-unet")
+TARGETS = ("pipeline", "single-file", "diffusers-unet", "lora")
+ADAPTERS_NAME = "adapters.safetensors"  # a LoRA run's adapters inside its step-N/ folder
 LDM_PREFIXES = (LDM_UNET_PREFIX, LDM_VAE_PREFIX, LDM_TEXT_PREFIX)  # the parts of a single file: UNet, VAE, text
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 LCM_SIGMA_DATA = 0.5  # diffusers' LCMScheduler (and ComfyUI's LCM sampling) fix σ_data of the boundary scalings
@@ -239,9 +245,41 @@ def write_diffusers_unet(baked: UNet, out: Path, dtype: torch.dtype) -> None:
 
 # ---- command line -------------------------------------------------------------------------------------------------
 
+def lora_settings(steps: int, unet: UNet) -> dict:
+    """How to sample a LoRA student in each program: LCM sampling, no CFG (the student has no ω input)."""
+    return sampler_settings(steps, unet, None) | {
+        "scott.cfg_scale": "1",
+        "scott.a1111": f"<lora:NAME:1> in the prompt, Sampling method LCM, Schedule type SGM Uniform, Sampling steps "
+                       f"{steps}, CFG Scale 1",
+        "scott.comfyui": f"Load Checkpoint (the base model) -> LoraLoaderModelOnly strength 1 -> KSampler sampler_name "
+                         f"lcm, scheduler sgm_uniform, steps {steps}, cfg 1.0",
+        "scott.diffusers": f"StableDiffusionPipeline + load_lora_weights(FILE), LCMScheduler, num_inference_steps="
+                           f"{steps}, guidance_scale=1 (no CFG)"}
+
+
+def export_lora(args, model: Path, out: Path) -> dict:
+    """--to lora: the run's adapters (checked against the --model's UNet) as a kohya file."""
+    if not args.lora:
+        raise ExportError("--to lora needs --lora FILE_OR_FOLDER: the adapters.safetensors of a LoRA run (or the "
+                          "step-N/ folder holding it).")
+    source = Path(args.lora) / ADAPTERS_NAME if Path(args.lora).is_dir() else Path(args.lora)
+    if out.suffix != ".safetensors":
+        raise ExportError(f"--out {out}: a LoRA file must end in .safetensors.")
+    check_out(out, args.overwrite)
+    unet = load_unet(model)
+    adapters = load_adapters(source, unet)
+    settings = lora_settings(args.steps, unet) | {"scott.model": str(model), "scott.lora": str(source)}
+    save_kohya(adapters, out, DTYPES[args.dtype or "fp16"], metadata=settings)
+    return settings
+
+
 def export(args) -> dict:
     """Run one export from parsed arguments; returns the sampler settings it recorded (also printed)."""
     out, toy = Path(args.out), not args.model
+    if args.lora and args.to != "lora":
+        raise ExportError(f"--lora is for --to lora; --to {args.to} exports a --student UNet.")
+    if args.to == "lora":
+        return export_lora(args, TOY_FOLDER if toy else Path(args.model), out)
     model = TOY_FOLDER if toy else Path(args.model)
     if not args.student and not toy:
         raise ExportError("--student FOLDER is required with --model (the student/ folder of a train.py run, "
@@ -283,13 +321,15 @@ def main(argv=None):
                    "or a single file (default: the shipped toy model)")
     p.add_argument("--student", default="", help="the student UNet folder train.py wrote, e.g. "
                    "runs/scott/step-N/student (default: the toy model's student/)")
+    p.add_argument("--lora", default="", help="with --to lora: a LoRA run's adapters.safetensors, or the "
+                   "step-N/ folder holding it")
     p.add_argument("--tokenizer", default="", help="tokenizer folder, needed with a single-file --model")
     p.add_argument("--guidance", type=float, default=None, help="ω to bake in (required for single-file and "
                    "diffusers-unet; for pipeline only the model card's suggested guidance_scale)")
     p.add_argument("--steps", type=int, default=4, help="the step count to recommend, 1–8 (default 4): recorded "
                    "with its timesteps in the single file's metadata and the model card")
-    p.add_argument("--dtype", choices=DTYPES, default=None, help="weights' dtype (default fp16 for single-file, "
-                   "fp32 for folders)")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="weights' dtype (default fp16 for single-file and "
+                   "lora, fp32 for folders)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = p.parse_args(argv)
     if not 1 <= args.steps <= 8:

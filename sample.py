@@ -16,7 +16,9 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
+from checkpoint import CheckpointError
 from consistency import consistency_timesteps, sample_consistency
+from lora import load_kohya, merge
 from sd15 import TOY_FOLDER, load_sd15
 from sde_solver import NoiseSampler, NoiseSchedule, sample_teacher, teacher_timesteps
 from unet import load_unet
@@ -55,7 +57,8 @@ def generate(bundle, unet, schedule, prompts, steps, guidance, height, width, se
     noise_sampler = image_noise(range(seed, seed + len(prompts)))
     x = noise_sampler(torch.empty(len(prompts), unet.config.in_channels, height // factor, width // factor,
                                   device=device, dtype=cond.dtype))  # x_999
-    w = torch.full((len(prompts),), float(guidance), device=device)
+    plain = teacher_eta is None and not unet.config.guidance_embed_dim  # a LoRA student: no ω input, no CFG
+    w = None if plain else torch.full((len(prompts),), float(guidance), device=device)
     if teacher_eta is None:
         c = unet.config
         latents = sample_consistency(unet, x, cond, w, consistency_timesteps(steps), schedule, noise_sampler,
@@ -147,6 +150,8 @@ def main(argv=None):
     p.add_argument("--model", default="", help="SD1.5 diffusers folder or single file (default: the toy model)")
     p.add_argument("--tokenizer", default="", help="tokenizer folder, needed with a single-file --model")
     p.add_argument("--student", default="", help="distilled UNet folder (default: the toy model's student/)")
+    p.add_argument("--lora", default="", help="kohya LoRA file of a LoRA student (export.py --to lora), merged into "
+                   "--model's UNet; sampled without CFG (--guidance is ignored)")
     p.add_argument("--teacher", action="store_true", help="sample the teacher instead (baseline)")
     p.add_argument("--eta", type=float, default=0.0, help="teacher sampler noise: 0 = DDIM, 1 = DDPM")
     p.add_argument("--steps", type=int, default=None, help="1–8 for a student (default 2); any for --teacher (50)")
@@ -177,7 +182,15 @@ def main(argv=None):
 
     tick = _clock(device)
     bundle = load_sd15(model, tokenizer=args.tokenizer or None, device=device, dtype=dtype)
-    if args.teacher:
+    if args.lora:
+        if args.teacher or args.student:
+            p.error("--lora is a student of its own: pass it without --teacher and --student")
+        try:
+            adapters = load_kohya(args.lora, bundle.unet)
+        except CheckpointError as e:
+            p.error(f"--lora: {e}")
+        unet, label = merge(adapters, bundle.unet).eval(), f"LoRA student {args.lora}"
+    elif args.teacher:
         unet, label = bundle.unet, f"teacher {'DDIM' if args.eta == 0 else f'DDPM eta={args.eta}'}"
     else:
         student = Path(args.student) if args.student else (model / "student" if toy else None)

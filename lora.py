@@ -1,0 +1,297 @@
+"""LoRA adapters on a frozen UNet, switched on by forward hooks; kohya-format files for A1111, ComfyUI and diffusers.
+
+A LoRA (Hu et al. 2021) adds a low-rank delta to a frozen layer: y = W x + b + (α / r) · up(down(x)), with `up`
+starting at zero, so the adapted network starts as the frozen one. Here the delta is never written into the
+backbone: `Adapters.active(backbone)` registers forward hooks on the backbone's own modules that add it, and removes
+them on exit, so outside that block the backbone computes exactly the plain UNet. One UNet in memory can then serve
+as the teacher, a LoRA student, its EMA target and the discriminator, each switching on its own adapters.
+
+Targets follow LCM-LoRA's SD1.5 recipe (Luo et al. 2023, diffusers' train_lcm_distill_lora_sd.py: rank 64,
+alpha = rank, peft `target_modules` matched as module-path suffixes):
+  attention   to_q, to_k, to_v, to_out.0           (self- and cross-attention)
+  transformer proj_in, proj_out (1×1 convs in SD1.5), ff.net.0.proj (GEGLU), ff.net.2
+  ResBlocks   conv1, conv2, conv_shortcut (3×3 / 1×1 convs), time_emb_proj
+  resampling  downsamplers.0.conv (stride 2), upsamplers.0.conv
+conv_in, conv_out, the norms and the time-embedding MLP are not adapted.
+
+A conv LoRA is kohya's: down = Conv2d(in, r, k, stride, padding) with the adapted conv's geometry, up = Conv2d(r, out,
+1), so the merged weight is W + (α / r) · up ⊗ down (`delta_weight`).
+
+Files:
+  adapters.safetensors  ours, written inside a run: the Adapters' state dict (module paths with `.` -> `__`, then
+                        `.down.weight` / `.up.weight`) and the LoRAConfig + target paths as JSON in the header.
+  kohya                 `lora_unet_<diffusers module path, . -> _>.lora_down.weight / .lora_up.weight / .alpha`, the
+                        names kohya-ss sd-scripts writes for SD1.x (it trains on diffusers' UNet layout), which A1111,
+                        ComfyUI and diffusers' `load_lora_weights` read. `load_kohya` also reads the LDM spelling
+                        (`lora_unet_input_blocks_1_1_proj_in`) that some trainers write.
+"""
+import copy
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from checkpoint import CheckpointError, atomic_write, open_weights
+from unet import ldm_unet_key_map
+
+LCM_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                    "conv1", "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.0.conv", "upsamplers.0.conv")
+KOHYA_PREFIX = "lora_unet_"
+KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
+CONFIG_KEY = "scott.lora"  # the header entry of our adapters.safetensors
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 64                               # LCM-LoRA SD1.5: 64
+    alpha: float = 64.0                          # delta scale α / r (LCM-LoRA: α = r, scale 1)
+    targets: tuple = field(default=LCM_LORA_TARGETS)  # module-path suffixes to adapt (peft's target_modules)
+
+    def __post_init__(self):
+        self.targets = tuple(self.targets)
+        if not (isinstance(self.rank, int) and self.rank >= 1):
+            raise ValueError(f"LoRAConfig: rank must be a positive integer, got {self.rank!r}.")
+        if not self.targets:
+            raise ValueError("LoRAConfig: targets is empty; name the module-path suffixes to adapt.")
+
+
+class LoRA(nn.Module):
+    """Low-rank delta (α / r) · up(down(x)) for one frozen nn.Linear or nn.Conv2d; `up` starts at zero."""
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float):
+        super().__init__()
+        if isinstance(base, nn.Linear):
+            self.down = nn.Linear(base.in_features, rank, bias=False)
+            self.up = nn.Linear(rank, base.out_features, bias=False)
+        elif isinstance(base, nn.Conv2d) and base.groups == 1:
+            self.down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding, base.dilation,
+                                  bias=False)
+            self.up = nn.Conv2d(rank, base.out_channels, 1, bias=False)
+        else:
+            raise ValueError(f"LoRA: can adapt nn.Linear or an ungrouped nn.Conv2d, not {base!r}.")
+        nn.init.kaiming_uniform_(self.down.weight, a=5 ** 0.5)
+        nn.init.zeros_(self.up.weight)
+        self.rank, self.alpha, self.scale = rank, float(alpha), float(alpha) / rank
+
+    def forward(self, x):
+        return self.up(self.down(x)) * self.scale
+
+    def delta_weight(self) -> torch.Tensor:
+        """(α / r) · up ⊗ down in float64, shaped like the adapted layer's weight: (out, in) or (out, in, k, k)."""
+        up, down = self.up.weight.double(), self.down.weight.double()
+        return (up.flatten(1) @ down.flatten(1)).view(up.shape[0], *down.shape[1:]) * self.scale
+
+
+def key_of(path: str) -> str:
+    """ModuleDict key of a module path (ModuleDict keys may not contain dots)."""
+    return path.replace(".", "__")
+
+
+def path_of(key: str) -> str:
+    """The module path of a ModuleDict key."""
+    return key.replace("__", ".")
+
+
+def find_targets(backbone: nn.Module, suffixes) -> list:
+    """Module paths of the backbone whose path equals or ends in `.suffix` for one of `suffixes` (peft's rule)."""
+    backbone = getattr(backbone, "_orig_mod", backbone)
+    return [name for name, _ in backbone.named_modules()
+            if name and any(name == s or name.endswith("." + s) for s in suffixes)]
+
+
+class Adapters(nn.ModuleDict):
+    """The LoRA weights for a set of backbone modules, keyed by module path (`.` -> `__`). Holds no backbone: it is
+    passed to `active`, so optimisers, checkpoints, all-reduces and `consistency.ema_update` see only the adapters."""
+
+    def __init__(self, loras: dict):
+        super().__init__({key_of(path): lora for path, lora in loras.items()})
+
+    @classmethod
+    def build(cls, backbone: nn.Module, targets, rank: int, alpha: float) -> "Adapters":
+        """New adapters (up = 0) of one rank and alpha on the backbone modules at paths `targets`."""
+        layers = dict(getattr(backbone, "_orig_mod", backbone).named_modules())
+        missing = [t for t in targets if t not in layers]
+        if missing:
+            raise ValueError(f"Adapters: the backbone has no module {missing[0]!r} ({len(missing)} missing): "
+                             f"these adapters are for another architecture.")
+        adapters = cls({t: LoRA(layers[t], rank, alpha) for t in targets})
+        return adapters.to(next(backbone.parameters()).device)
+
+    @classmethod
+    def for_config(cls, backbone: nn.Module, cfg: LoRAConfig = LoRAConfig()) -> "Adapters":
+        """Adapters on every module of the backbone that cfg.targets names."""
+        targets = find_targets(backbone, cfg.targets)
+        if not targets:
+            raise ValueError(f"Adapters: no module of the backbone matches targets {cfg.targets}.")
+        return cls.build(backbone, targets, cfg.rank, cfg.alpha)
+
+    @property
+    def targets(self) -> list:
+        """The adapted module paths."""
+        return [path_of(k) for k in self.keys()]
+
+    @contextmanager
+    def active(self, backbone: nn.Module):
+        """Within this block every adapted module of the backbone adds its LoRA delta; on exit the hooks are gone
+        and the backbone is the plain UNet again. A torch.compile'd backbone: the module it wraps is hooked."""
+        layers = dict(getattr(backbone, "_orig_mod", backbone).named_modules())
+        self.check_fits(layers)
+        hooks = [layers[path_of(k)].register_forward_hook(_add_delta(lora)) for k, lora in self.items()]
+        try:
+            yield
+        finally:
+            for h in hooks:
+                h.remove()
+
+    def check_fits(self, layers: dict) -> None:
+        """Raise ValueError unless every adapter has a module of matching shape in `layers` (path -> module)."""
+        for key, lora in self.items():
+            layer = layers.get(path_of(key))
+            if layer is None or tuple(_delta_shape(lora)) != tuple(layer.weight.shape):
+                found = "absent" if layer is None else tuple(layer.weight.shape)
+                raise ValueError(f"LoRA for {path_of(key)}: delta shape {tuple(_delta_shape(lora))}, the UNet's "
+                                 f"weight {found}. This LoRA is for another architecture (SD1.x LoRAs only).")
+
+
+def _delta_shape(lora: LoRA) -> tuple:
+    """The adapted layer's weight shape, read from the LoRA's own weights."""
+    return (lora.up.weight.shape[0], *lora.down.weight.shape[1:])
+
+
+def _add_delta(lora: LoRA):
+    """A forward hook adding the LoRA delta of the module's input to its output."""
+    def hook(module, inputs, out):
+        return out + lora(inputs[0].to(lora.down.weight.dtype)).to(out.dtype)
+    return hook
+
+
+@torch.no_grad()
+def merge(adapters: Adapters, unet: nn.Module) -> nn.Module:
+    """A copy of `unet` with every delta folded into its weight (W + (α / r) · up ⊗ down, summed in float64 and
+    stored in W's dtype): it computes what `unet` computes inside `adapters.active(unet)`, without hooks."""
+    merged = copy.deepcopy(getattr(unet, "_orig_mod", unet))
+    layers = dict(merged.named_modules())
+    adapters.check_fits(layers)
+    for key, lora in adapters.items():
+        weight = layers[path_of(key)].weight
+        weight.copy_((weight.double() + lora.delta_weight().to(weight.device)).to(weight.dtype))
+    return merged
+
+
+# ---- our file: adapters.safetensors -------------------------------------------------------------------------------
+
+def save_adapters(adapters: Adapters, path) -> None:
+    """Write the adapters' weights (fp32 or as stored) and their rank, alpha and targets in the header; atomic."""
+    ranks, alphas = {lora.rank for lora in adapters.values()}, {lora.alpha for lora in adapters.values()}
+    if len(ranks) != 1 or len(alphas) != 1:
+        raise ValueError(f"save_adapters: adapters of mixed rank {sorted(ranks)} / alpha {sorted(alphas)}; save "
+                         f"them with save_kohya, which records each module's own.")
+    config = {"rank": ranks.pop(), "alpha": alphas.pop(), "targets": adapters.targets}
+    state = {k: v.detach().to("cpu").contiguous() for k, v in adapters.state_dict().items()}
+    atomic_write(Path(path), lambda tmp: save_file(state, str(tmp), metadata={CONFIG_KEY: json.dumps(config)}))
+
+
+def load_adapters(path, backbone: nn.Module) -> Adapters:
+    """The Adapters `save_adapters` wrote, built for `backbone` (CheckpointError if the file is not ours or does
+    not fit the backbone)."""
+    weights = open_weights(path)
+    with safe_open(str(path), framework="pt") as f:
+        header = (f.metadata() or {}).get(CONFIG_KEY)
+    if header is None:
+        raise CheckpointError(f"{path}: no {CONFIG_KEY!r} entry in its header, so it is not an adapters file of a "
+                              f"scott run. A kohya LoRA (lora_unet_* keys) is read by load_kohya / sample.py --lora.")
+    config = json.loads(header)
+    try:
+        adapters = Adapters.build(backbone, config["targets"], config["rank"], config["alpha"])
+        adapters.load_state_dict({k: weights[k] for k in weights})
+    except (ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: does not fit this UNet ({str(e).splitlines()[0]}).") from None
+    return adapters
+
+
+# ---- kohya files ---------------------------------------------------------------------------------------------------
+
+def kohya_state_dict(adapters: Adapters, dtype: torch.dtype = torch.float16) -> dict:
+    """kohya's keys for every adapter: `lora_unet_<path with _>.lora_down.weight`, `.lora_up.weight` (in `dtype`)
+    and `.alpha` (a 0-d fp32 tensor, always written, so readers never fall back to α = r silently)."""
+    state = {}
+    for key, lora in adapters.items():
+        name = KOHYA_PREFIX + path_of(key).replace(".", "_")
+        state[name + ".lora_down.weight"] = lora.down.weight.detach().to("cpu", dtype).contiguous()
+        state[name + ".lora_up.weight"] = lora.up.weight.detach().to("cpu", dtype).contiguous()
+        state[name + ".alpha"] = torch.tensor(lora.alpha, dtype=torch.float32)
+    return state
+
+
+def save_kohya(adapters: Adapters, path, dtype: torch.dtype = torch.float16, metadata: dict | None = None) -> None:
+    """Write a kohya-format LoRA file (see kohya_state_dict) with sd-scripts' `ss_*` header entries; atomic."""
+    ranks = sorted({lora.rank for lora in adapters.values()})
+    header = {"ss_network_module": "networks.lora", "ss_network_dim": str(ranks[-1]),
+              "ss_network_alpha": str(next(iter(adapters.values())).alpha), "ss_base_model_version": "sd_v1",
+              **(metadata or {})}
+    state = kohya_state_dict(adapters, dtype)
+    atomic_write(Path(path), lambda tmp: save_file(state, str(tmp), metadata=header))
+
+
+def kohya_names(unet: nn.Module) -> dict:
+    """kohya module name (without `lora_unet_`) -> our module path, for every Linear and Conv2d of an SD1.x UNet:
+    the diffusers spelling (our paths, `.` -> `_`) and the LDM one (`input_blocks_1_1_proj_in`)."""
+    unet = getattr(unet, "_orig_mod", unet)
+    paths = [n for n, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    names = {p.replace(".", "_"): p for p in paths}
+    for ldm, ours in ldm_unet_key_map(unet.config).items():
+        if ours.endswith(".weight") and ours[:-len(".weight")] in paths:
+            names.setdefault(ldm[:-len(".weight")].replace(".", "_"), ours[:-len(".weight")])
+    return names
+
+
+def load_kohya(path, unet: nn.Module) -> Adapters:
+    """A kohya-format SD1.x UNet LoRA as Adapters for `unet` (each module with its own rank and alpha; α = r where
+    the file has no alpha, kohya's default). CheckpointError for anything else: no LoRA keys, text-encoder LoRAs
+    (not applied here), LyCORIS/DoRA variants, unknown modules or shapes of another architecture."""
+    weights = open_weights(path)
+    keys = list(weights)
+    if not keys:
+        raise CheckpointError(f"{path}: holds no tensors, so it is not a LoRA.")
+    foreign = [k for k in keys if not (k.startswith(KOHYA_PREFIX) and k.endswith(KOHYA_SUFFIXES))]
+    if any(k.startswith(("lora_te_", "lora_te1_", "lora_te2_")) for k in foreign):
+        raise CheckpointError(f"{path}: has text-encoder LoRA weights (lora_te*), which this project does not apply; "
+                              f"use a UNet-only LoRA (export.py --to lora writes one).")
+    if foreign:
+        raise CheckpointError(f"{path}: not a kohya-format UNet LoRA (e.g. key {foreign[0]!r}; expected only "
+                              f"lora_unet_<module>{{{', '.join(KOHYA_SUFFIXES)}}}). LyCORIS/LoHa/DoRA files are not "
+                              f"supported.")
+    names = kohya_names(unet)
+    modules = sorted({k[len(KOHYA_PREFIX):].split(".")[0] for k in keys})
+    unknown = [m for m in modules if m not in names]
+    if unknown:
+        raise CheckpointError(f"{path}: {len(unknown)} LoRA module(s) this SD1.x UNet does not have (e.g. "
+                              f"{unknown[0]!r}): a LoRA for another architecture (SDXL, SD 2.x?).")
+    layers = dict(getattr(unet, "_orig_mod", unet).named_modules())
+    order = {p: i for i, p in enumerate(layers)}
+    modules.sort(key=lambda m: order[names[m]])  # the UNet's module order, as Adapters.for_config builds them
+    adapters = Adapters({names[m]: _kohya_lora(weights, KOHYA_PREFIX + m, layers[names[m]], path) for m in modules})
+    return adapters.to(next(unet.parameters()).device)
+
+
+def _kohya_lora(weights, name: str, layer: nn.Module, path) -> LoRA:
+    """One LoRA from a kohya file's `name.lora_down.weight`, `.lora_up.weight` and optional `.alpha`."""
+    if name + ".lora_down.weight" not in weights or name + ".lora_up.weight" not in weights:
+        raise CheckpointError(f"{path}: {name} lacks its lora_down or lora_up weight; the file is incomplete.")
+    down, up = weights[name + ".lora_down.weight"], weights[name + ".lora_up.weight"]
+    rank = down.shape[0]
+    alpha = float(weights[name + ".alpha"]) if name + ".alpha" in weights else float(rank)
+    lora = LoRA(layer, rank, alpha)
+    if down.shape != lora.down.weight.shape or up.shape != lora.up.weight.shape:
+        raise CheckpointError(f"{path}: {name}: lora_down {tuple(down.shape)} / lora_up {tuple(up.shape)} do not fit "
+                              f"this UNet's {tuple(layer.weight.shape)} (expected {tuple(lora.down.weight.shape)} / "
+                              f"{tuple(lora.up.weight.shape)}): a LoRA for another architecture.")
+    with torch.no_grad():
+        lora.down.weight.copy_(down)
+        lora.up.weight.copy_(up)
+    return lora
