@@ -87,11 +87,6 @@ SD15_SAMPLE_PROMPTS = ["a photo of an astronaut riding a horse on the moon", "a 
 
 # ---- configuration --------------------------------------------------------------------------------------------
 
-def model_path(model: str) -> Path:
-    """--model, or the shipped toy model when it is empty."""
-    return Path(model) if model else TOY_FOLDER
-
-
 # The smallest value of every integer flag (parse_args refuses any other integer flag) and what the flag is.
 INT_FLAGS = {"steps": (1, "total optimisation steps"), "stop_after": (0, "steps in this invocation; 0 = no limit"),
              "global_batch": (1, "images per optimisation step"),
