@@ -194,8 +194,9 @@ def unet_rows(folder: Path, cfg: BenchConfig, peak: float | None) -> list[dict]:
         ref = diffusers_unet(ours)
         impls["diffusers"] = (ref, prepare(ref, cfg, mode))
     latent, width = ours.config.sample_size, ours.config.cross_attention_dim
+    factor = bundle.vae.spatial_factor  # latent -> image side
     shapes = ([(1, latent), (2, latent), (1, 2 * latent)] if cfg.tiny else
-              [(int(b), int(px) // 8) for b, px in (s.split("x") for s in cfg.shapes.split(","))])
+              [(int(b), int(px) // factor) for b, px in (s.split("x") for s in cfg.shapes.split(","))])
     rows = []
     for batch, size in shapes:
         x = torch.randn(batch, 4, size, size, device=device, dtype=dtype)
@@ -207,7 +208,7 @@ def unet_rows(folder: Path, cfg: BenchConfig, peak: float | None) -> list[dict]:
         for name, (eager, run) in impls.items():
             call = (lambda: run(x, t, c)) if name == "ours" else (lambda: run(x, t, encoder_hidden_states=c).sample)
             with torch.no_grad():
-                rows.append(row("unet forward", name, f"B={batch} {size * 8}px", flops, measure(call, cfg), peak))
+                rows.append(row("unet forward", name, f"B={batch} {size * factor}px", flops, measure(call, cfg), peak))
             print(rows[-1], flush=True)
     return rows
 
