@@ -20,6 +20,7 @@ bf16 on GPU), which also serves as D's backbone with D's LoRA delta switched on.
 """
 import argparse
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -753,7 +754,7 @@ def main(argv=None):
     del resume  # its CPU copies of the student and target are no longer needed
 
     # -- the loop
-    nonfinite_in_a_row, t_last, step = 0, time.time(), start_step
+    nonfinite_in_a_row, t_last, step, failure = 0, time.time(), start_step, None
     while step < cfg.steps:
         lr_scale = min(1.0, (step + 1) / max(1, cfg.warmup))
         for group in opt.param_groups:
@@ -773,8 +774,9 @@ def main(argv=None):
                 print(f"step {step}: non-finite loss or gradient, step skipped ({nonfinite_in_a_row} in a row)")
             if nonfinite_in_a_row >= cfg.max_nonfinite:
                 save(step)
-                raise SystemExit(f"stopping: {nonfinite_in_a_row} non-finite steps in a row at step {step}. The last "
-                                 f"good weights are in {out}/latest. Lower --lr, check the data, or disable --bf16.")
+                failure = (f"stopping: {nonfinite_in_a_row} non-finite steps in a row at step {step}. The last good "
+                           f"weights are in {out}/latest. Lower --lr, check the data, or disable --bf16.")
+                break
             continue
         nonfinite_in_a_row = 0
         step += 1
@@ -814,8 +816,15 @@ def main(argv=None):
                 print(f"stopped at step {step} ({'signal' if signalled else '--stop-after'}); resume with "
                       f"--resume auto --out {out}", flush=True)
             break
+
+    # DDP's reducer holds the process group. Freed after destroy_process_group, it would tear the group down while
+    # holding the GIL, which can deadlock gloo's worker thread at exit (pytorch/pytorch#56297): free it first.
+    del models, save
+    gc.collect()
     if dist.is_initialized():
         dist.destroy_process_group()
+    if failure:
+        raise SystemExit(failure)
 
 
 if __name__ == "__main__":
