@@ -8,7 +8,8 @@ Rows (each the median of --repeats timed runs after --warmup untimed ones, with 
   unet    one UNet forward at B = 1, 8, 32 on 64×64 latents (512 px) and B = 1 at 128×128 (1024 px)
   step    one SCott optimisation step through train.train_step (h = 3, CFG teacher, EMA target, D's two passes,
           AdamW) at micro-batch 10, the LCM-style step (η = 0, h = 1, no D) with our modules and with diffusers',
-          and the SCott-LoRA step (train.py --student-lora-rank 64: one UNet, the student LCM-LoRA's adapters on it)
+          and the SCott-LoRA step (train.py --student-lora-rank 64: one UNet, the student LCM-LoRA's adapters on it;
+          always eager, as train.py refuses --compile for a LoRA student)
   sample  2-step 512 px generation at B = 1 and 8, text encoding and VAE decode included: sample.generate vs
           diffusers' LatentConsistencyModelPipeline assembled from the same modules
 FLOPs are counted (torch.utils.flop_counter on one eager call), not assumed; "% peak" is over the bf16 matrix-
@@ -225,7 +226,7 @@ def step_rows(folder: Path, cfg: BenchConfig, peak: float | None) -> list[dict]:
         impls = ["ours", "diffusers"] if adv_weight == 0 and diffusers else ["ours"]
         for impl in impls:
             tcfg = train.TrainConfig(model=str(folder), micro_batch=cfg.micro_batch, global_batch=cfg.micro_batch,
-                                     adv_weight=adv_weight, bf16=cfg.bf16, compile=cfg.compile,
+                                     adv_weight=adv_weight, bf16=cfg.bf16, compile=cfg.compile and not lora_rank,
                                      channels_last=cfg.channels_last, student_lora_rank=lora_rank)
             torch.manual_seed(0)
             models = train.build_models(load_sd15(folder, device=device), tcfg, consistency, DiscriminatorConfig(),

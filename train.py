@@ -89,10 +89,15 @@ class TrainConfig:
     student_lora_alpha: float = 0.0  # the student LoRA's alpha (delta scale alpha / rank); 0 = the rank (LCM-LoRA)
 
     def __post_init__(self):
+        # The LoRA student's adapters are forward hooks on the teacher, present only while the student runs.
         if self.student_lora_rank and self.grad_checkpointing:
-            raise ValueError("--grad-checkpointing does not combine with --student-lora-rank: the LoRA student's "
-                             "adapters are hooked in only during its forward, so a recomputation in backward would "
-                             "run the plain teacher.")
+            raise ValueError("--grad-checkpointing does not combine with --student-lora-rank: the adapters are "
+                             "hooked in only during the student's forward, so a recomputation in backward would run "
+                             "the plain teacher.")
+        if self.student_lora_rank and self.compile:
+            raise ValueError("--compile does not combine with --student-lora-rank: a compiled UNet does not see "
+                             "forward hooks added after it was compiled (torch._dynamo skips hook guards), so the "
+                             "student, its target and the teacher would share one graph.")
 
 
 SD15_SAMPLE_PROMPTS = ["a photo of an astronaut riding a horse on the moon", "a watercolor painting of a fox",
@@ -264,18 +269,15 @@ def build_models(bundle: SD15, cfg: TrainConfig, consistency: ConsistencyConfig,
     cast the frozen nets (bf16 on GPU when --bf16). D's and a LoRA student's initialisations draw from torch's
     global RNG: seed it identically on every rank before calling this."""
     frozen_dtype = torch.bfloat16 if cfg.bf16 and device.type == "cuda" else torch.float32
-    maybe_compile = torch.compile if cfg.compile else (lambda m: m)
-    if not cfg.student_lora_rank:
-        # The student records the boundary scalings it is trained with, so every sampler reads them from it.
+    if cfg.student_lora_rank:
+        student, target = make_lora_student(bundle.unet, cfg, consistency)
+    else:  # the student records the boundary scalings it is trained with, so every sampler reads them from it
         student, target = (make_student(bundle.unet, consistency.w_embed_dim, consistency.timestep_scaling,
                                         consistency.sigma_data) for _ in range(2))
         student.gradient_checkpointing = cfg.grad_checkpointing
-    teacher = bundle.unet.to(frozen_dtype).requires_grad_(False).eval()
-    teacher_fwd = maybe_compile(teacher)
-    if cfg.student_lora_rank:
-        student, target = make_lora_student(teacher_fwd, cfg, consistency)
     student.train().requires_grad_(True)
     target.requires_grad_(False).eval()
+    teacher = bundle.unet.to(frozen_dtype).requires_grad_(False).eval()
     bundle.vae.to(frozen_dtype).requires_grad_(False)
     bundle.text_encoder.to(frozen_dtype).requires_grad_(False)
     if cfg.channels_last:
@@ -285,11 +287,10 @@ def build_models(bundle: SD15, cfg: TrainConfig, consistency: ConsistencyConfig,
     with torch.no_grad():
         uncond = bundle.encode_prompts([""])
     ddp = DDP(student, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else None
-    student_fwd, target_fwd = ddp or student, target
-    if not cfg.student_lora_rank:  # a LoRA student runs the (compiled) teacher_fwd itself
-        student_fwd, target_fwd = maybe_compile(student_fwd), maybe_compile(target)
+    student_fwd = ddp or student
+    maybe_compile = torch.compile if cfg.compile else (lambda m: m)  # never with a LoRA student (TrainConfig)
     return Models(bundle, student, target, teacher, disc, NoiseSchedule(bundle.alphas_cumprod.to(device)), uncond,
-                  student_fwd, target_fwd, teacher_fwd, ddp)
+                  maybe_compile(student_fwd), maybe_compile(target), maybe_compile(teacher), ddp)
 
 
 def make_lora_student(teacher: torch.nn.Module, cfg: TrainConfig, consistency: ConsistencyConfig):

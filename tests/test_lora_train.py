@@ -148,11 +148,14 @@ def read_log(out):
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
-def test_grad_checkpointing_is_refused_with_a_lora_student(tmp_path, setup, capsys):
+@pytest.mark.parametrize("flag", ["--grad-checkpointing", "--compile"])
+def test_hook_breaking_flags_are_refused_with_a_lora_student(tmp_path, setup, capsys, flag):
+    """Both would silently run the plain teacher where the student should run (recomputation outside the hooks;
+    a compiled graph that ignores hooks added later)."""
     _, _, common = setup
     with pytest.raises(SystemExit):
-        train.main([*common, "--out", str(tmp_path / "run"), "--steps", "1", "--grad-checkpointing"])
-    assert "--grad-checkpointing does not combine with --student-lora-rank" in capsys.readouterr().err
+        train.main([*common, "--out", str(tmp_path / "run"), "--steps", "1", flag])
+    assert f"{flag} does not combine with --student-lora-rank" in capsys.readouterr().err
 
 
 def test_lora_defaults_to_lcm_loras_guidance_range(setup):
