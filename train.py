@@ -417,8 +417,9 @@ def train_step(models: Models, opt, d_opt, micro_batches, cfg: TrainConfig, cons
 
 # ---- checkpoints -----------------------------------------------------------------------------------------------
 #
-# --out holds step-N folders (student/, target/ or a LoRA student's two adapters files, state.pt), `latest` (the newest one's name) and log.jsonl. A checkpoint
-# is written to .tmp-step-N, then renamed in. Saving a step that already has a folder first renames that folder to
+# --out holds step-N folders (student/ and target/, or a LoRA student's adapters.safetensors and
+# target-adapters.safetensors; state.pt), `latest` (the newest one's name) and log.jsonl. A checkpoint is written to
+# .tmp-step-N, then renamed in. Saving a step that already has a folder first renames that folder to
 # .old-step-N and deletes it last, so at every instant a complete copy exists under one of the two names;
 # recover_out() puts an orphaned .old-step-N back and deletes partial .tmp-step-N folders when the next run starts.
 

@@ -94,7 +94,8 @@ def test_one_unet_in_memory_shared_by_teacher_student_target_and_d(setup):
     assert models.target.adapters is not models.student.adapters
     assert numel(models.student) == numel(models.student.adapters) < numel(models.teacher) / 2
     # the optimiser sees the adapters only
-    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in models.student.adapters.parameters()}
+    optimised = {id(p) for group in opt.param_groups for p in group["params"]}
+    assert optimised == {id(p) for p in models.student.adapters.parameters()}
 
 
 def test_only_the_adapters_get_gradients(setup):
@@ -138,7 +139,7 @@ def test_ema_of_the_adapters_moves_by_one_minus_mu(setup, mu):
     assert step(models, opt, d_opt, cfg, consistency).applied
     online = state(models.student.adapters)
     for name, old in before.items():
-        expected = old + (1 - mu) * (online[name] - old)  # θ⁻ ← μ θ⁻ + (1 − μ) θ; μ = 0: the online adapters
+        expected = old + (1 - mu) * (online[name] - old)  # θ⁻ ← μ θ⁻ + (1 − μ) θ; μ = 0: the online ones
         torch.testing.assert_close(models.target.adapters.state_dict()[name], expected, rtol=1e-6, atol=1e-7)
 
 
