@@ -7,8 +7,9 @@
 Rows (each the median of --repeats timed runs after --warmup untimed ones, with peak memory):
   unet    one UNet forward at B = 1, 8, 32 on 64×64 latents (512 px) and B = 1 at 128×128 (1024 px)
   step    one SCott optimisation step through train.train_step (h = 3, CFG teacher, EMA target, D's two passes,
-          AdamW) at micro-batch 10, and the LCM-style step (η = 0, h = 1, no D) with our modules and with diffusers'
-          (a LoRA-student row comes with the LoRA student, which train.py does not have yet)
+          AdamW) at micro-batch 10, the LCM-style step (η = 0, h = 1, no D) with our modules and with diffusers',
+          and the SCott-LoRA step (train.py --student-lora-rank 64: one UNet, the student LCM-LoRA's adapters on it;
+          always eager, as train.py refuses --compile for a LoRA student)
   sample  2-step 512 px generation at B = 1 and 8, text encoding and VAE decode included: sample.generate vs
           diffusers' LatentConsistencyModelPipeline assembled from the same modules
 FLOPs are counted (torch.utils.flop_counter on one eager call), not assumed; "% peak" is over the bf16 matrix-
@@ -218,14 +219,16 @@ def step_rows(folder: Path, cfg: BenchConfig, peak: float | None) -> list[dict]:
     device = torch.device(cfg.device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
     rows = []
-    settings = {"SCott step (h=3, η=0.3, CFG, EMA, D)": (ConsistencyConfig(), 0.4),
-                "LCM-style step (η=0, h=1, CFG, EMA)": (ConsistencyConfig(eta=0.0, substeps=1), 0.0)}
-    for label, (consistency, adv_weight) in settings.items():
+    settings = {"SCott step (h=3, η=0.3, CFG, EMA, D)": (ConsistencyConfig(), 0.4, 0),
+                "LCM-style step (η=0, h=1, CFG, EMA)": (ConsistencyConfig(eta=0.0, substeps=1), 0.0, 0),
+                "SCott-LoRA step (rank 64, h=3, η=0.3, CFG, EMA, D)": (ConsistencyConfig(w_min=3.0, w_max=15.0), 0.4,
+                                                                        64)}
+    for label, (consistency, adv_weight, lora_rank) in settings.items():
         impls = ["ours", "diffusers"] if adv_weight == 0 and diffusers else ["ours"]
         for impl in impls:
             tcfg = train.TrainConfig(model=str(folder), micro_batch=cfg.micro_batch, global_batch=cfg.micro_batch,
-                                     adv_weight=adv_weight, bf16=cfg.bf16, compile=cfg.compile,
-                                     channels_last=cfg.channels_last)
+                                     adv_weight=adv_weight, bf16=cfg.bf16, compile=cfg.compile and not lora_rank,
+                                     channels_last=cfg.channels_last, student_lora_rank=lora_rank)
             torch.manual_seed(0)
             models = train.build_models(load_sd15(folder, device=device), tcfg, consistency, DiscriminatorConfig(),
                                         device, world=1)

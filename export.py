@@ -33,14 +33,13 @@ from safetensors.torch import save_file
 
 from checkpoint import LDM_TEXT_PREFIX, LDM_UNET_PREFIX, LDM_VAE_PREFIX, CheckpointError, atomic_write
 from consistency import consistency_timesteps
-from lora import load_adapters, save_kohya
+from lora import ADAPTERS_FILE, load_adapters, save_kohya
 from sd15 import TOY_FOLDER, SD15, ldm_text_state_dict, load_sd15
 from sde_solver import NoiseSchedule
 from unet import UNet, bake_guidance, ldm_unet_state_dict, load_unet, save_unet
 from vae import IdentityVAE, ldm_vae_state_dict, save_vae
 
 TARGETS = ("pipeline", "single-file", "diffusers-unet", "lora")
-ADAPTERS_NAME = "adapters.safetensors"  # a LoRA run's adapters inside its step-N/ folder
 LDM_PREFIXES = (LDM_UNET_PREFIX, LDM_VAE_PREFIX, LDM_TEXT_PREFIX)  # the parts of a single file: UNet, VAE, text
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 LCM_SIGMA_DATA = 0.5  # diffusers' LCMScheduler (and ComfyUI's LCM sampling) fix σ_data of the boundary scalings
@@ -262,7 +261,7 @@ def export_lora(args, model: Path, out: Path) -> dict:
     if not args.lora:
         raise ExportError("--to lora needs --lora FILE_OR_FOLDER: the adapters.safetensors of a LoRA run (or the "
                           "step-N/ folder holding it).")
-    source = Path(args.lora) / ADAPTERS_NAME if Path(args.lora).is_dir() else Path(args.lora)
+    source = Path(args.lora) / ADAPTERS_FILE if Path(args.lora).is_dir() else Path(args.lora)
     if out.suffix != ".safetensors":
         raise ExportError(f"--out {out}: a LoRA file must end in .safetensors.")
     check_out(out, args.overwrite)

@@ -28,7 +28,7 @@ Files:
 import copy
 import json
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -44,6 +44,8 @@ LCM_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "
 KOHYA_PREFIX = "lora_unet_"
 KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 CONFIG_KEY = "scott.lora"  # the header entry of our adapters.safetensors
+ADAPTERS_FILE = "adapters.safetensors"                # a LoRA run's student adapters, inside its step-N/ folder
+TARGET_ADAPTERS_FILE = "target-adapters.safetensors"  # and the EMA target's
 
 
 @dataclass
@@ -158,6 +160,27 @@ class Adapters(nn.ModuleDict):
                                  f"weight {found}. This LoRA is for another architecture (SD1.x LoRAs only).")
 
 
+class LoRAStudent(nn.Module):
+    """A LoRA student (or its EMA target): the frozen `backbone` UNet run with `adapters` active, called like a
+    full student, `net(x, t, cond, w) -> ε̂`. Only the adapters are registered, so .parameters(), an optimiser,
+    DDP and `consistency.ema_update` (between two LoRAStudents) see the adapters alone; the backbone is shared.
+    `config` is the backbone's with the boundary scalings the student is trained with, as make_student records."""
+
+    def __init__(self, backbone: nn.Module, adapters: Adapters, timestep_scaling: float = 10.0,
+                 sigma_data: float = 0.5):
+        super().__init__()
+        self.adapters = adapters
+        object.__setattr__(self, "backbone", backbone)  # held, not registered: the backbone is not the student's
+        plain = getattr(backbone, "_orig_mod", backbone)
+        self.config = replace(plain.config, timestep_scaling=timestep_scaling, sigma_data=sigma_data)
+
+    def forward(self, x, t, cond, w=None):
+        # w is ignored: a LoRA changes existing layers only and cannot add an ω input (the student is a plain SD1.5
+        # LoRA); it learns one guidance-distilled model across the teacher's ω range.
+        with self.adapters.active(self.backbone):
+            return self.backbone(x, t, cond)
+
+
 def _delta_shape(lora: LoRA) -> tuple:
     """The adapted layer's weight shape, read from the LoRA's own weights."""
     return (lora.up.weight.shape[0], *lora.down.weight.shape[1:])
@@ -196,19 +219,25 @@ def save_adapters(adapters: Adapters, path) -> None:
     atomic_write(Path(path), lambda tmp: save_file(state, str(tmp), metadata={CONFIG_KEY: json.dumps(config)}))
 
 
-def load_adapters(path, backbone: nn.Module) -> Adapters:
-    """The Adapters `save_adapters` wrote, built for `backbone` (CheckpointError if the file is not ours or does
-    not fit the backbone)."""
+def read_adapters(path) -> tuple[dict, dict]:
+    """(config {rank, alpha, targets}, state dict on the CPU) of a file `save_adapters` wrote (CheckpointError if
+    the file is unreadable or not ours)."""
     weights = open_weights(path)
     with safe_open(str(path), framework="pt") as f:
         header = (f.metadata() or {}).get(CONFIG_KEY)
     if header is None:
         raise CheckpointError(f"{path}: no {CONFIG_KEY!r} entry in its header, so it is not an adapters file of a "
                               f"scott run. A kohya LoRA (lora_unet_* keys) is read by load_kohya / sample.py --lora.")
-    config = json.loads(header)
+    return json.loads(header), {k: weights[k] for k in weights}
+
+
+def load_adapters(path, backbone: nn.Module) -> Adapters:
+    """The Adapters `save_adapters` wrote, built for `backbone` (CheckpointError if the file is not ours or does
+    not fit the backbone)."""
+    config, weights = read_adapters(path)
     try:
         adapters = Adapters.build(backbone, config["targets"], config["rank"], config["alpha"])
-        adapters.load_state_dict({k: weights[k] for k in weights})
+        adapters.load_state_dict(weights)
     except (ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path}: does not fit this UNet ({str(e).splitlines()[0]}).") from None
     return adapters

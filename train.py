@@ -16,9 +16,13 @@ state, then the loop). One optimisation step (docs/paper.md, "The SCott training
     adversarial loss: λ_adv · hinge generator term of D(f_θ(z_tn))          (discriminator.py)
 then an AdamW step of the student, a hinge step of D on real z0 vs the detached fake, and the EMA update.
 Three UNets are alive: the student (fp32 weights, trained), its EMA target (fp32, frozen) and the teacher (frozen;
-bf16 on GPU), which also serves as D's backbone with D's LoRA delta switched on.
+bf16 on GPU), which also serves as D's backbone with D's LoRA delta switched on. With --student-lora-rank R
+(SCott-LoRA, docs/lora.md) only the teacher is: the student is LCM-LoRA's rank-R adapters switched on over it,
+the target an EMA copy of those adapters; the student has no ω input (the teacher's ω is still drawn per sample,
+by default from LCM-LoRA's [3, 15]), checkpoints hold the two adapters files, and export.py --to lora ships them.
 """
 import argparse
+import copy
 import dataclasses
 import gc
 import json
@@ -41,6 +45,8 @@ from checkpoint import CheckpointError, atomic_write, check_regular_file, read_c
 from consistency import ConsistencyConfig, ema_update, scott_loss
 from data import DataConfig, build_latent_cache, make_loader
 from discriminator import Discriminator, DiscriminatorConfig, d_hinge_loss, g_hinge_loss
+from lora import (ADAPTERS_FILE, TARGET_ADAPTERS_FILE, Adapters, LoRAConfig, LoRAStudent, read_adapters,
+                  save_adapters)
 from sample import generate, save_grid
 from sd15 import SD15, TOY_FOLDER, load_sd15
 from sde_solver import NoiseSchedule
@@ -80,6 +86,19 @@ class TrainConfig:
     deterministic: bool = False   # deterministic GPU kernels (slower): a resumed run then matches bit for bit
     overwrite: bool = False       # start afresh in an --out that holds checkpoints: they move to out/replaced-<time>/
     allow_config_change: bool = False  # resume although the teacher, D, its LoRA or the batch layout changed
+    student_lora_rank: int = 0    # > 0: the student is a LoRA of this rank on the teacher (SCott-LoRA); 0 = a full UNet
+    student_lora_alpha: float = 0.0  # the student LoRA's alpha (delta scale alpha / rank); 0 = the rank (LCM-LoRA)
+
+    def __post_init__(self):
+        # The LoRA student's adapters are forward hooks on the teacher, present only while the student runs.
+        if self.student_lora_rank and self.grad_checkpointing:
+            raise ValueError("--grad-checkpointing does not combine with --student-lora-rank: the adapters are "
+                             "hooked in only during the student's forward, so a recomputation in backward would run "
+                             "the plain teacher.")
+        if self.student_lora_rank and self.compile:
+            raise ValueError("--compile does not combine with --student-lora-rank: a compiled UNet does not see "
+                             "forward hooks added after it was compiled (torch._dynamo skips hook guards), so the "
+                             "student, its target and the teacher would share one graph.")
 
 
 SD15_SAMPLE_PROMPTS = ["a photo of an astronaut riding a horse on the moon", "a watercolor painting of a fox",
@@ -101,10 +120,14 @@ INT_FLAGS = {"steps": (1, "total optimisation steps"), "stop_after": (0, "steps 
              "w_embed_dim": (1, "size of the ω embedding"), "lora_rank": (1, "rank of D's LoRA adapters"),
              "resolution": (1, "training image side in pixels"), "min_size": (0, "smallest short side; 0 = auto"),
              "shuffle_buffer": (1, "tar samples held for shuffling"), "num_workers": (0, "DataLoader workers per rank"),
-             "data_seed": (0, "data order seed")}
+             "data_seed": (0, "data order seed"),
+             "student_lora_rank": (0, "rank of the LoRA student; 0 = a full UNet student")}
 # Floats that must be positive (True) or may also be 0 (False); every float flag must be finite.
 FLOAT_FLAGS = {"lr": True, "d_lr": True, "grad_clip": True, "lora_alpha": True, "weight_decay": False,
-               "adv_weight": False}
+               "adv_weight": False, "student_lora_alpha": False}
+# Defaults of a LoRA student (--student-lora-rank > 0) for the flags not given: LCM-LoRA's teacher guidance range
+# ω ~ U[3, 15] (diffusers' train_lcm_distill_lora_sd.py). The toy model's own defaults win over these.
+LORA_OVERRIDES = dict(w_min=3.0, w_max=15.0)
 
 
 def model_path(model: str) -> Path:
@@ -120,7 +143,7 @@ def parse_args(argv=None):
               "data": DataConfig}
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=(
         "Defaults are SD1.5's (the paper's run). Without --model the shipped toy model is trained and the defaults "
-        "marked 'toy:' apply instead."))
+        "marked 'toy:' apply instead; with --student-lora-rank those marked 'LoRA student:' (the toy's win)."))
     for title, cls in groups.items():
         group = parser.add_argument_group(title)
         for f in dataclasses.fields(cls):
@@ -128,7 +151,8 @@ def parse_args(argv=None):
                 continue  # that is --data
             flag = "--" + f.name.replace("_", "-")
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            shown = f"(default {default}" + (f"; toy: {TOY_OVERRIDES[f.name]})" if f.name in TOY_OVERRIDES else ")")
+            shown = (f"(default {default}" + (f"; toy: {TOY_OVERRIDES[f.name]}" if f.name in TOY_OVERRIDES else "")
+                     + (f"; LoRA student: {LORA_OVERRIDES[f.name]}" if f.name in LORA_OVERRIDES else "") + ")")
             if isinstance(default, bool):
                 group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=shown)
             else:
@@ -139,6 +163,8 @@ def parse_args(argv=None):
         read_config(model_index)  # a clear error naming the file if it is malformed (is_toy_model reads it)
     if is_toy_model(model_path(args["model"])):
         args.update({k: v for k, v in TOY_OVERRIDES.items() if args[k] is None})
+    if args["student_lora_rank"]:
+        args.update({k: v for k, v in LORA_OVERRIDES.items() if args[k] is None})
     check_numbers(parser, args)
     build = lambda cls, **extra: cls(**{f.name: args[f.name] for f in dataclasses.fields(cls)  # noqa: E731
                                         if args.get(f.name) is not None}, **extra)
@@ -226,9 +252,9 @@ class Models:
     """Everything the step runs. `*_fwd` are what gets called (DDP-wrapped and/or compiled); the plain modules are
     what the optimiser, the EMA update and the checkpoints see."""
     bundle: SD15                   # tokenizer, text encoder, VAE (frozen) and the teacher UNet
-    student: UNet                  # f_θ: fp32, trained
-    target: UNet                   # f_θ⁻: the EMA of the student, frozen
-    teacher: UNet                  # frozen; also D's backbone
+    student: UNet | LoRAStudent    # f_θ: fp32, trained (a LoRA student: its adapters on the teacher)
+    target: UNet | LoRAStudent     # f_θ⁻: the EMA of the student, frozen
+    teacher: UNet                  # frozen; also D's backbone, and a LoRA student's
     disc: Discriminator | None     # LoRA adapters + head on the teacher; None when adv_weight = 0
     schedule: NoiseSchedule
     uncond: torch.Tensor           # CLIP("") (1, 77, 768), broadcast over the batch
@@ -241,18 +267,20 @@ class Models:
 def build_models(bundle: SD15, cfg: TrainConfig, consistency: ConsistencyConfig, disc_cfg: DiscriminatorConfig,
                  device, world: int) -> Models:
     """From the teacher bundle loaded in fp32 on `device`: make the student and its target from the teacher, then
-    cast the frozen nets (bf16 on GPU when --bf16). D's LoRA initialisation draws from torch's global RNG: seed it
-    identically on every rank before calling this."""
+    cast the frozen nets (bf16 on GPU when --bf16). D's and a LoRA student's initialisations draw from torch's
+    global RNG: seed it identically on every rank before calling this."""
     frozen_dtype = torch.bfloat16 if cfg.bf16 and device.type == "cuda" else torch.float32
-    # The student records the boundary scalings it is trained with, so every sampler reads them from it.
-    student, target = (make_student(bundle.unet, consistency.w_embed_dim, consistency.timestep_scaling,
-                                    consistency.sigma_data) for _ in range(2))
+    if cfg.student_lora_rank:
+        student, target = make_lora_student(bundle.unet, cfg, consistency)
+    else:  # the student records the boundary scalings it is trained with, so every sampler reads them from it
+        student, target = (make_student(bundle.unet, consistency.w_embed_dim, consistency.timestep_scaling,
+                                        consistency.sigma_data) for _ in range(2))
+        student.gradient_checkpointing = cfg.grad_checkpointing
     student.train().requires_grad_(True)
     target.requires_grad_(False).eval()
     teacher = bundle.unet.to(frozen_dtype).requires_grad_(False).eval()
     bundle.vae.to(frozen_dtype).requires_grad_(False)
     bundle.text_encoder.to(frozen_dtype).requires_grad_(False)
-    student.gradient_checkpointing = cfg.grad_checkpointing
     if cfg.channels_last:
         for m in (student, target, teacher):
             m.to(memory_format=torch.channels_last)
@@ -261,9 +289,18 @@ def build_models(bundle: SD15, cfg: TrainConfig, consistency: ConsistencyConfig,
         uncond = bundle.encode_prompts([""])
     ddp = DDP(student, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else None
     student_fwd = ddp or student
-    maybe_compile = torch.compile if cfg.compile else (lambda m: m)
+    maybe_compile = torch.compile if cfg.compile else (lambda m: m)  # never with a LoRA student (TrainConfig)
     return Models(bundle, student, target, teacher, disc, NoiseSchedule(bundle.alphas_cumprod.to(device)), uncond,
                   maybe_compile(student_fwd), maybe_compile(target), maybe_compile(teacher), ddp)
+
+
+def make_lora_student(teacher: torch.nn.Module, cfg: TrainConfig, consistency: ConsistencyConfig):
+    """(student, target) of SCott-LoRA: LCM-LoRA's adapters (lora.LoRAConfig's targets, --student-lora-rank/alpha)
+    on the one teacher UNet, and the target's copy of them (the EMA; at --ema-decay 0 the online adapters)."""
+    lora_cfg = LoRAConfig(rank=cfg.student_lora_rank, alpha=cfg.student_lora_alpha or float(cfg.student_lora_rank))
+    adapters = Adapters.for_config(teacher, lora_cfg)
+    scalings = dict(timestep_scaling=consistency.timestep_scaling, sigma_data=consistency.sigma_data)
+    return LoRAStudent(teacher, adapters, **scalings), LoRAStudent(teacher, copy.deepcopy(adapters), **scalings)
 
 
 def build_optimizers(models: Models, cfg: TrainConfig, device):
@@ -381,8 +418,9 @@ def train_step(models: Models, opt, d_opt, micro_batches, cfg: TrainConfig, cons
 
 # ---- checkpoints -----------------------------------------------------------------------------------------------
 #
-# --out holds step-N folders (student/, target/, state.pt), `latest` (the newest one's name) and log.jsonl. A checkpoint
-# is written to .tmp-step-N, then renamed in. Saving a step that already has a folder first renames that folder to
+# --out holds step-N folders (student/ and target/, or a LoRA student's adapters.safetensors and
+# target-adapters.safetensors; state.pt), `latest` (the newest one's name) and log.jsonl. A checkpoint is written to
+# .tmp-step-N, then renamed in. Saving a step that already has a folder first renames that folder to
 # .old-step-N and deletes it last, so at every instant a complete copy exists under one of the two names;
 # recover_out() puts an orphaned .old-step-N back and deletes partial .tmp-step-N folders when the next run starts.
 
@@ -431,10 +469,16 @@ def save_checkpoint(out: Path, step: int, models: Models, opt, d_opt, generator,
 
 
 def write_checkpoint(tmp: Path, models: Models, state: dict):
-    """The checkpoint's files into the (new) folder `tmp`: student/, target/ and state.pt."""
+    """The checkpoint's files into the (new) folder `tmp`: student/ and target/ (a LoRA student: adapters.safetensors
+    and target-adapters.safetensors instead), and state.pt."""
     shutil.rmtree(tmp, ignore_errors=True)
-    save_unet(models.student, tmp / "student")
-    save_unet(models.target, tmp / "target")
+    if isinstance(models.student, LoRAStudent):
+        tmp.mkdir(parents=True)
+        save_adapters(models.student.adapters, tmp / ADAPTERS_FILE)
+        save_adapters(models.target.adapters, tmp / TARGET_ADAPTERS_FILE)
+    else:
+        save_unet(models.student, tmp / "student")
+        save_unet(models.target, tmp / "target")
     torch.save(state, tmp / "state.pt")
 
 
@@ -510,16 +554,17 @@ def set_aside(out: Path, paths: list[Path], what: str):
 
 @dataclass
 class Resume:
-    """A checkpoint found valid by load_checkpoint: its folder, state.pt, and its student and target (on the CPU)."""
+    """A checkpoint found valid by load_checkpoint: its folder, state.pt, and its student and target (on the CPU):
+    UNets, or a LoRA student's adapter weights (state dicts)."""
     folder: Path
     state: dict
-    student: UNet
-    target: UNet
+    student: UNet | dict
+    target: UNet | dict
 
 
 def load_checkpoint(folder: Path) -> Resume:
-    """Load and check a checkpoint folder: state.pt readable with all STATE_KEYS, student/ and target/ loadable.
-    A CheckpointError says what is wrong."""
+    """Load and check a checkpoint folder: state.pt readable with all STATE_KEYS, student/ and target/ (or a LoRA
+    student's adapters files) loadable. A CheckpointError says what is wrong."""
     state_file = folder / "state.pt"
     check_regular_file(state_file, "the checkpoint's state.pt")
     try:
@@ -530,6 +575,9 @@ def load_checkpoint(folder: Path) -> Resume:
     missing = [k for k in STATE_KEYS if k not in state] if isinstance(state, dict) else list(STATE_KEYS)
     if missing:
         raise CheckpointError(f"{state_file}: lacks {missing}; not a checkpoint written by train.py.")
+    if (folder / ADAPTERS_FILE).exists():
+        return Resume(folder, state, read_adapters(folder / ADAPTERS_FILE)[1],
+                      read_adapters(folder / TARGET_ADAPTERS_FILE)[1])
     return Resume(folder, state, load_unet(folder / "student"), load_unet(folder / "target"))
 
 
@@ -572,7 +620,9 @@ GUARDED = {"run.model": "the teacher (--model)", "run.world": "the world size", 
            "train.micro_batch": "the micro-batch", "run.accumulation": "the gradient accumulation",
            "consistency.w_embed_dim": "the student's ω embedding (architecture)",
            "consistency.timestep_scaling": "the student's boundary scalings",
-           "consistency.sigma_data": "the student's boundary scalings"}
+           "consistency.sigma_data": "the student's boundary scalings",
+           "train.student_lora_rank": "the LoRA student's rank (0 = a full UNet student)",
+           "train.student_lora_alpha": "the LoRA student's alpha"}
 # Settings that only say where to write, how often, and how to stop: never compared.
 UNCOMPARED = {"train.resume", "train.out", "train.stop_after", "train.cache_to", "train.log_every", "train.ckpt_every",
               "train.sample_every", "train.keep_checkpoints", "train.check_sync_every", "train.overwrite",
@@ -604,6 +654,31 @@ def compare_configs(saved: dict, current: dict, allow_change: bool, master: bool
             print(f"--resume: {'allowed change of ' + GUARDED[k] if k in GUARDED else k}: {old!r} -> {new!r}")
 
 
+def shapes(weights: dict) -> dict:
+    """Name -> shape of a state dict: two fit each other when these are equal."""
+    return {k: tuple(v.shape) for k, v in weights.items()}
+
+
+def restore_student(module: UNet | LoRAStudent, saved: UNet | dict, name: str, folder: Path):
+    """Load the checkpoint's student or target (a UNet, or a LoRA student's adapter weights) into this run's; a
+    SystemExit when they do not fit (another architecture, LoRA rank or kind of student)."""
+    lora = isinstance(module, LoRAStudent)
+    if lora != isinstance(saved, dict):
+        raise SystemExit(f"--resume {folder}: its {name} is {'a full UNet' if lora else 'a LoRA'}, this run's is "
+                         f"{'a LoRA' if lora else 'a full UNet'} (--student-lora-rank); resume with its setting.")
+    if lora:
+        if shapes(saved) != shapes(module.adapters.state_dict()):
+            raise SystemExit(f"--resume {folder}: its {name}'s adapters have other targets or another rank than "
+                             f"this run's (--student-lora-rank); resume with the checkpoint's settings.")
+        module.adapters.load_state_dict(saved)
+        return
+    if module.config != saved.config:
+        raise SystemExit(f"--resume {folder}: its {name} is another architecture than this run's (--model and the "
+                         f"consistency settings make {module.config}, the checkpoint holds {saved.config}); resume "
+                         f"with the teacher it was trained from.")
+    module.load_state_dict(saved.state_dict())
+
+
 def restore(resume: Resume, models: Models, opt, d_opt, generator, cfg: TrainConfig, rank: int, world: int,
             device, master: bool):
     """Load a checkpoint into the modules the run already built (so the optimiser's parameter order is unchanged)
@@ -612,13 +687,8 @@ def restore(resume: Resume, models: Models, opt, d_opt, generator, cfg: TrainCon
     the checkpoint and this run have D."""
     state = resume.state
     for module, saved, name in ((models.student, resume.student, "student"), (models.target, resume.target, "target")):
-        if module.config != saved.config:
-            raise SystemExit(f"--resume {resume.folder}: its {name} is another architecture than this run's "
-                             f"(--model and the consistency settings make {module.config}, the checkpoint holds "
-                             f"{saved.config}); resume with the teacher it was trained from.")
-        module.load_state_dict(saved.state_dict())
+        restore_student(module, saved, name, resume.folder)
     opt.load_state_dict(state["optimizer"])
-    shapes = lambda weights: {k: tuple(v.shape) for k, v in weights.items()}  # noqa: E731
     saved_d = state["discriminator"]
     if models.disc and saved_d is not None and shapes(saved_d) == shapes(models.disc.state_dict()):
         models.disc.load_state_dict(saved_d)
@@ -740,6 +810,10 @@ def main(argv=None):
         n_params = sum(p.numel() for p in models.student.parameters())
         print(f"model {model} ({'toy world' if toy_world else 'SD1.5'}), student {n_params / 1e6:.1f}M params, "
               f"device {device}, world {world}, bf16 {cfg.bf16}")
+        if isinstance(models.student, LoRAStudent):
+            print(f"LoRA student: rank {cfg.student_lora_rank} on {len(models.student.adapters)} layers of the "
+                  f"teacher, {100 * n_params / sum(p.numel() for p in models.teacher.parameters()):.2f}% of the UNet; "
+                  f"no ω input (the teacher's ω ∈ [{consistency.w_min}, {consistency.w_max}])")
         print(f"global batch {cfg.global_batch} = micro-batch {cfg.micro_batch} × accumulation {accumulation} × "
               f"world {world}; steps {start_step} -> {cfg.steps}")
         if models.disc:
