@@ -2,7 +2,6 @@
 narrow FID Inception (width / 8, real 299 px input chain) and a tiny CLIP: PNGs, JSON and table; an interrupted
 run resumes, makes only the missing images and reports the same numbers; bad inputs fail early and clearly."""
 import json
-import shutil
 
 import pytest
 from PIL import Image

@@ -13,12 +13,10 @@ import torch
 
 import train
 from datasets import write_folder_dataset
-from tiny_models import write_tiny_sd15
+from tiny_models import TINY_RUN, write_tiny_sd15
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY_RUN = ["--resolution", "32", "--global-batch", "4", "--micro-batch", "2", "--log-every", "1",
-            "--sample-every", "0", "--warmup", "1", "--lr", "1e-3", "--d-lr", "1e-3", "--lora-rank", "2",
-            "--k", "24", "--substeps", "3", "--min-size", "8", "--num-workers", "0"]
+RUN_FLAGS = [*TINY_RUN, "--num-workers", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +25,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
     write_tiny_sd15(root / "sd15")
     data = write_folder_dataset(root / "data", n=16, size=40)
-    return root / "sd15", data, ["--model", str(root / "sd15"), "--data", str(data), *TINY_RUN]
+    return root / "sd15", data, ["--model", str(root / "sd15"), "--data", str(data), *RUN_FLAGS]
 
 
 def names(out):

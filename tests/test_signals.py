@@ -12,12 +12,9 @@ import pytest
 
 import train
 from datasets import write_folder_dataset
-from tiny_models import write_tiny_sd15
+from tiny_models import TINY_RUN, write_tiny_sd15
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY_RUN = ["--resolution", "32", "--global-batch", "4", "--micro-batch", "2", "--log-every", "1",
-            "--sample-every", "0", "--warmup", "1", "--lr", "1e-3", "--d-lr", "1e-3", "--lora-rank", "2",
-            "--k", "24", "--substeps", "3", "--min-size", "8"]
 
 
 @pytest.fixture(scope="module")

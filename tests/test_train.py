@@ -15,13 +15,10 @@ from safetensors.torch import load_file
 import sample
 import train
 from datasets import write_folder_dataset, write_tar_dataset
-from tiny_models import write_tiny_sd15
+from tiny_models import TINY_RUN, write_tiny_sd15
 from unet import load_unet
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY_RUN = ["--resolution", "32", "--global-batch", "4", "--micro-batch", "2", "--log-every", "1",
-            "--sample-every", "0", "--warmup", "1", "--lr", "1e-3", "--d-lr", "1e-3", "--lora-rank", "2",
-            "--k", "24", "--substeps", "3", "--min-size", "8"]
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """The wiring of one optimisation step (train.train_step), in-process on a tiny SD1.5-shaped model: one test per
 invariant, each written so that the wrong wiring fails it (swapped EMA arguments, D trained by the student's loss,
 the student trained by D's, D shown clean latents when it should see noised ones, a teacher that moves)."""
-import copy
 from contextlib import nullcontext
 
 import pytest

@@ -65,3 +65,8 @@ def write_tiny_sd15(root, seed=0):
     return unet, vae, text
 
 
+# train.py flags for a quick run of a tiny model from write_tiny_sd15: 32 px, global batch 4 in micro-batches of 2
+# (accumulation 2 at world size 1), a step a log line, no sample grids, D's LoRA rank 2.
+TINY_RUN = ["--resolution", "32", "--global-batch", "4", "--micro-batch", "2", "--log-every", "1",
+            "--sample-every", "0", "--warmup", "1", "--lr", "1e-3", "--d-lr", "1e-3", "--lora-rank", "2",
+            "--k", "24", "--substeps", "3", "--min-size", "8"]
