@@ -177,8 +177,9 @@ Made with `python export.py --to pipeline` from the model `{model}` and the stud
 {toy}
 ## Sampling
 
+With diffusers installed, load this folder with its `LatentConsistencyModelPipeline`:
+
 ```python
-from diffusers import LatentConsistencyModelPipeline
 pipe = LatentConsistencyModelPipeline.from_pretrained("PATH/TO/THIS/FOLDER")
 image = pipe("a photo of a fox", num_inference_steps={steps}, guidance_scale={guidance}).images[0]
 ```

@@ -58,10 +58,16 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # ---- in-process checks -------------------------------------------------------------------------------------------
 
+def random_model(work: Path, tiny: bool) -> Path:
+    """A random SD1.5-shaped (or tiny) model folder in `work`, written once and shared by the checks."""
+    folder = work / ("random-tiny" if tiny else "random-sd15")
+    return folder if folder.exists() else write_random_sd15(folder, tiny)
+
+
 def check_precision(cfg: CheckConfig, work: Path) -> str:
     """bf16 error of our UNet against our fp32 one, next to diffusers' bf16 error on the same weights."""
     device = torch.device(cfg.device)
-    folder = write_random_sd15(work / "random", cfg.tiny) if not (work / "random").exists() else work / "random"
+    folder = random_model(work, cfg.tiny)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     unet = load_sd15(folder, device=device).unet
     size, width = unet.config.sample_size, unet.config.cross_attention_dim
@@ -115,7 +121,7 @@ def run_steps(models, opt, d_opt, tcfg, device, n: int, seed: int = 0):
 def check_compile(cfg: CheckConfig, work: Path) -> str:
     """The same two steps eager and compiled (tiny UNet shapes, so compiling takes seconds)."""
     device = torch.device(cfg.device)
-    folder = write_random_sd15(work / "tiny", tiny=True) if not (work / "tiny").exists() else work / "tiny"
+    folder = random_model(work, tiny=True)
     flat = lambda m: torch.cat([p.detach().flatten() for p in m.parameters()])  # noqa: E731
     losses, updates = {}, {}
     for compile in (False, True):
@@ -134,7 +140,7 @@ def check_compile(cfg: CheckConfig, work: Path) -> str:
 def check_memory(cfg: CheckConfig, work: Path) -> str:
     """A real-size step: SD1.5 shapes, micro-batch 10, bf16 autocast, D on, fused AdamW."""
     device = torch.device(cfg.device)
-    folder = write_random_sd15(work / "random", cfg.tiny) if not (work / "random").exists() else work / "random"
+    folder = random_model(work, cfg.tiny)
     models, opt, d_opt, tcfg = step_models(folder, device, compile=False, micro_batch=10 if not cfg.tiny else 2,
                                            bf16=device.type == "cuda")
     if device.type == "cuda":
@@ -150,7 +156,7 @@ def check_memory(cfg: CheckConfig, work: Path) -> str:
 
 def check_sampler(cfg: CheckConfig, work: Path) -> str:
     device = torch.device(cfg.device)
-    folder = write_random_sd15(work / "random", cfg.tiny) if not (work / "random").exists() else work / "random"
+    folder = random_model(work, cfg.tiny)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     bundle = load_sd15(folder, device=device, dtype=dtype)
     student = make_student(bundle.unet).eval()

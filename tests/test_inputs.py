@@ -15,18 +15,12 @@ from consistency import ConsistencyConfig
 from data import DataConfig
 from discriminator import DiscriminatorConfig
 from sd15 import TOY_FOLDER, load_sd15
-from tiny_models import write_tiny_sd15
-from unet import load_unet, make_student, save_unet
-
-SIZE = ["--height", "32", "--width", "32"]
-
+from tiny_models import SAMPLE_SIZE, write_tiny_sd15_with_student
+from unet import load_unet, save_unet
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sd15")
-    unet, _, _ = write_tiny_sd15(root)
-    save_unet(make_student(unet, 16), root / "student")
-    return root
+    return write_tiny_sd15_with_student(tmp_path_factory.mktemp("sd15"))
 
 
 def parse_error(capsys, parse, argv) -> str:
@@ -105,7 +99,7 @@ def test_sample_checks_out_before_sampling(tmp_path, capsys, monkeypatch):
 
 def test_sample_refuses_a_student_of_another_model(tiny, tmp_path, capsys):
     err = parse_error(capsys, sample.main, ["--model", str(tiny), "--student", str(TOY_FOLDER / "student"),
-                                            "--prompt", "a cat", *SIZE, "--out", str(tmp_path / "x.png")])
+                                            "--prompt", "a cat", *SAMPLE_SIZE, "--out", str(tmp_path / "x.png")])
     assert "distilled from another model" in err and "3 latent channels and text width 64" in err
     assert not (tmp_path / "x.png").exists()
 
@@ -117,14 +111,14 @@ def test_sample_refuses_to_write_non_finite_images(tiny, tmp_path):
     save_unet(student, tmp_path / "nan-student")
     out = tmp_path / "x.png"
     with pytest.raises(SystemExit, match="non-finite pixels.*was not written"):
-        sample.main(["--model", str(tiny), "--student", str(tmp_path / "nan-student"), "--prompt", "a cat", *SIZE,
+        sample.main(["--model", str(tiny), "--student", str(tmp_path / "nan-student"), "--prompt", "a cat", *SAMPLE_SIZE,
                      "--out", str(out)])
     assert not out.exists()
 
 
 def test_sample_says_once_that_long_prompts_are_truncated(tiny, tmp_path, capsys):
     sample.main(["--model", str(tiny), "--student", str(tiny / "student"), "--prompt", "a cat " * 30,
-                 "--prompt", "a dog " * 30, "--prompt", "a fox", *SIZE, "--out", str(tmp_path / "x.png")])
+                 "--prompt", "a dog " * 30, "--prompt", "a fox", *SAMPLE_SIZE, "--out", str(tmp_path / "x.png")])
     printed = capsys.readouterr().out
     assert printed.count("longer than the 77 tokens") == 1 and "2 prompt(s) (first: #1)" in printed
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import run_folder
 import train
 from datasets import write_folder_dataset
 from tiny_models import TINY_RUN, write_tiny_sd15
@@ -45,10 +46,10 @@ def read_steps(out):
 def test_rotation_sorts_by_step_number_and_keeps_later_folders(tmp_path):
     for step in (5, 9_999_999, 10_000_000, 10_000_001):  # names of 7 and 8 digits: name order is not step order
         (tmp_path / f"step-{step:07d}").mkdir()
-    train.rotate(tmp_path, 10_000_000, keep=2)
+    run_folder.rotate(tmp_path, 10_000_000, keep=2)
     # 10000000 was just written and 9999999 is the one before it; 10000001 is a later step: not this run's to delete
     assert names(tmp_path) == ["step-10000000", "step-10000001", "step-9999999"]
-    train.rotate(tmp_path, 10_000_000, keep=1)
+    run_folder.rotate(tmp_path, 10_000_000, keep=1)
     assert names(tmp_path) == ["step-10000000", "step-10000001"]
 
 
@@ -116,7 +117,7 @@ def test_resume_from_an_earlier_step_sets_the_later_checkpoints_aside(tmp_path, 
     train.main([*common, "--out", str(out), "--steps", "3", "--ckpt-every", "1", "--keep-checkpoints", "3"])
     train.main([*common, "--out", str(out), "--steps", "2", "--resume", str(out / "step-0000001"), "--lr", "2e-3"])
     # a later `--resume auto` continues this branch (step 2), not the abandoned step-0000003
-    assert [p.name for _, p in train.list_checkpoints(out)] == ["step-0000001", "step-0000002"]
+    assert [p.name for _, p in run_folder.list_checkpoints(out)] == ["step-0000001", "step-0000002"]
     assert latest(out) == "step-0000002" and (next(out.glob("replaced-*")) / "step-0000003").is_dir()
 
 
@@ -140,20 +141,20 @@ def test_disk_full_write_is_cleaned_up_and_reported(tmp_path, setup, monkeypatch
     _, _, common = setup
     out = tmp_path / "run"
     train.main([*common, "--out", str(out), "--steps", "1"])
-    real_save = train.save_unet
+    real_save = run_folder.save_unet
 
     def save_then_fill_the_disk(unet, folder, *args):  # the student is written, the target hits a full disk
         if folder.name == "target":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder))
         real_save(unet, folder, *args)
-    monkeypatch.setattr(train, "save_unet", save_then_fill_the_disk)
+    monkeypatch.setattr(run_folder, "save_unet", save_then_fill_the_disk)
     with pytest.raises(SystemExit) as failed:
         train.main([*common, "--out", str(out), "--steps", "2", "--resume", "auto"])
     message = str(failed.value)
     assert ".tmp-step-0000002" in message and "No space left on device" in message
     assert "step-0000001 is intact" in message and "--resume auto" in message
     assert names(out) == ["latest", "log.jsonl", "step-0000001"]  # the partial folder is gone
-    monkeypatch.setattr(train, "save_unet", real_save)
+    monkeypatch.setattr(run_folder, "save_unet", real_save)
     train.main([*common, "--out", str(out), "--steps", "2", "--resume", "auto"])  # resumes once there is room
     assert latest(out) == "step-0000002"
 
@@ -196,15 +197,15 @@ def test_a_kill_at_any_instant_of_a_resave_leaves_a_complete_checkpoint(tmp_path
                 raise Killed
             return real(*args, **kwargs)
         return call
-    monkeypatch.setattr(train.os, "replace", counted(os.replace))
-    monkeypatch.setattr(train.shutil, "rmtree", counted(train.shutil.rmtree))
+    monkeypatch.setattr(run_folder.os, "replace", counted(os.replace))
+    monkeypatch.setattr(run_folder.shutil, "rmtree", counted(run_folder.shutil.rmtree))
     try:
-        train.publish(tmp, final)
+        run_folder.publish(tmp, final)
     except Killed:
         pass
     monkeypatch.undo()
     assert kill_at is not None or calls == ["rmtree", "replace", "replace", "replace", "rmtree"]
-    train.recover_out(out)  # what the next run does first
+    run_folder.recover_out(out)  # what the next run does first
     assert names(out) == ["latest", "step-0000005"]
     assert (out / latest(out) / "content").read_text() == ("old" if kill_at in (1, 2, 3) else "new")
 
@@ -215,7 +216,7 @@ def test_a_real_kill_between_the_renames_of_a_resave(tmp_path):
     (tmp_path / "latest").write_text("step-0000005")
     fake_checkpoint(tmp_path / ".tmp-step-0000005", "new")
     script = (
-        "import os, sys, train\n"
+        "import os, sys, run_folder\n"
         "from pathlib import Path\n"
         "real, calls = os.replace, []\n"
         "def replace(a, b):\n"
@@ -225,12 +226,12 @@ def test_a_real_kill_between_the_renames_of_a_resave(tmp_path):
         "    real(a, b)\n"
         "os.replace = replace\n"
         "out = Path(sys.argv[1])\n"
-        "train.publish(out / '.tmp-step-0000005', out / 'step-0000005')\n")
+        "run_folder.publish(out / '.tmp-step-0000005', out / 'step-0000005')\n")
     result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
     assert result.returncode == 137, result.stderr
     assert names(tmp_path) == [".old-step-0000005", ".tmp-step-0000005", "latest"]  # killed inside the window
-    notes = train.recover_out(tmp_path)
+    notes = run_folder.recover_out(tmp_path)
     assert any("restored" in n for n in notes)
     assert (tmp_path / latest(tmp_path) / "content").read_text() == "old"
 

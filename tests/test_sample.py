@@ -11,18 +11,12 @@ from checkpoint import CheckpointError
 from consistency import consistency_timesteps, sample_consistency
 from sd15 import load_sd15
 from sde_solver import NoiseSchedule, sample_teacher, teacher_timesteps
-from tiny_models import write_tiny_sd15
+from tiny_models import SAMPLE_SIZE, write_tiny_sd15_with_student
 from unet import load_unet, make_student, save_unet
-
-SIZE = ["--height", "32", "--width", "32"]
-
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sd15")
-    unet, _, _ = write_tiny_sd15(root)
-    save_unet(make_student(unet, 16), root / "student")
-    return root
+    return write_tiny_sd15_with_student(tmp_path_factory.mktemp("sd15"))
 
 
 def png(path):
@@ -46,18 +40,18 @@ def test_shipped_toy_model_with_no_flags(tmp_path, capsys):
 def test_sd15_layout_student_grid_and_metadata(tmp_path, tiny):
     out = tmp_path / "grid.png"
     sample.main(["--model", str(tiny), "--student", str(tiny / "student"), "--prompt", "a cat", "--prompt", "a dog",
-                 "--n", "2", "--steps", "4", "--seed", "7", *SIZE, "--out", str(out)])
+                 "--n", "2", "--steps", "4", "--seed", "7", *SAMPLE_SIZE, "--out", str(out)])
     image = png(out)
     assert image.size == (2 * 32, 2 * 32)  # 2 prompts × 2 images
     assert image.text["prompt"] == "a cat | a dog" and image.text["seed"] == "7" and image.text["steps"] == "4"
     again = tmp_path / "again.png"
     sample.main(["--model", str(tiny), "--student", str(tiny / "student"), "--prompt", "a cat", "--prompt", "a dog",
-                 "--n", "2", "--steps", "4", "--seed", "7", *SIZE, "--out", str(again)])
+                 "--n", "2", "--steps", "4", "--seed", "7", *SAMPLE_SIZE, "--out", str(again)])
     assert png(again).tobytes() == image.tobytes()  # same seed, same images
     # Image i is keyed by seed + i alone: "a dog"'s first image (index 2 at seed 7) is the first image at seed 9.
     dog = tmp_path / "dog.png"
     sample.main(["--model", str(tiny), "--student", str(tiny / "student"), "--prompt", "a dog", "--steps", "4",
-                 "--seed", "9", *SIZE, "--out", str(dog)])
+                 "--seed", "9", *SAMPLE_SIZE, "--out", str(dog)])
     assert png(dog).tobytes() == image.crop((0, 32, 32, 64)).tobytes()
 
 
@@ -79,7 +73,7 @@ def by_hand(tmp_path, tiny, eta, seed=3, steps=5, guidance=7.5):
 def test_teacher_baseline_runs_the_eta_it_is_given(tmp_path, tiny):
     out = tmp_path / "teacher.png"
     sample.main(["--model", str(tiny), "--teacher", "--steps", "5", "--eta", "1", "--prompt", "a cat", "--seed", "3",
-                 "--guidance", "7.5", *SIZE, "--out", str(out)])
+                 "--guidance", "7.5", *SAMPLE_SIZE, "--out", str(out)])
     assert "DDPM" in png(out).text["sampler"]
     assert png(out).tobytes() == by_hand(tmp_path, tiny, eta=1.0).tobytes()
     assert png(out).tobytes() != by_hand(tmp_path, tiny, eta=0.0).tobytes()  # a DDIM run would be caught
@@ -99,7 +93,7 @@ def test_every_noise_draw_is_independent(tmp_path, tiny, monkeypatch, flags, n_s
         return out
     monkeypatch.setattr(torch, "randn", recording)
     sample.main(["--model", str(tiny), "--student", str(tiny / "student"), "--prompt", "a cat", "--n", "3", *flags,
-                 *SIZE, "--out", str(tmp_path / "x.png")])
+                 *SAMPLE_SIZE, "--out", str(tmp_path / "x.png")])
     draws_per_image = n_steps if "--teacher" not in flags else 1 + n_steps  # x_999, then each re-noise / step
     assert len(draws) == 3 * draws_per_image
     corr = torch.corrcoef(torch.stack([d.flatten().double() for d in draws]))
@@ -128,7 +122,7 @@ def test_student_samples_with_the_boundary_scalings_it_records(tmp_path, tiny):
                                          sigma_data=unet.config.sigma_data)
         torch.testing.assert_close(images, ((bundle.vae.decode(latents, fp32=True) + 1) / 2).clamp(0, 1))
         sample.main(["--model", str(tiny), "--student", str(tmp_path / name if name == "scaled" else tiny / "student"),
-                     "--prompt", "a cat", "--steps", "2", "--seed", "5", "--guidance", "7.5", *SIZE,
+                     "--prompt", "a cat", "--steps", "2", "--seed", "5", "--guidance", "7.5", *SAMPLE_SIZE,
                      "--out", str(tmp_path / f"{name}.png")])
         outputs[name] = png(tmp_path / f"{name}.png").tobytes()
     assert outputs["default"] != outputs["scaled"]

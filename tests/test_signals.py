@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import train
+import run_folder
 from datasets import write_folder_dataset
 from tiny_models import TINY_RUN, write_tiny_sd15
 
@@ -55,7 +55,7 @@ def test_signal_to_the_process_group_with_dataloader_workers_checkpoints_and_exi
          "--steps", "100000", "--num-workers", "2", *TINY_RUN], out, signum)
     assert code == 0, output[-3000:]
     assert "stopped at step" in output and "killed by signal" not in output
-    resume = train.load_checkpoint(out / (out / "latest").read_text())  # complete and loadable
+    resume = run_folder.load_checkpoint(out / (out / "latest").read_text())  # complete and loadable
     assert resume.state["step"] >= 1
 
 
@@ -72,5 +72,5 @@ def test_sigterm_to_a_torchrun_process_group_checkpoints_on_every_rank(tmp_path,
          *TINY_RUN], out, signal.SIGTERM)
     assert "stopped at step" in output and "killed by signal" not in output, output[-3000:]
     assert code == 1 and "Received 15 death signal" in output, (code, output[-3000:])
-    resume = train.load_checkpoint(out / (out / "latest").read_text())
+    resume = run_folder.load_checkpoint(out / (out / "latest").read_text())
     assert resume.state["step"] >= 1 and len(resume.state["rng"]) == 2

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from unet import UNet, UNetConfig, save_unet
+from unet import UNet, UNetConfig, make_student, save_unet
 from vae import VAE, VAEConfig, save_vae
 
 
@@ -70,3 +70,12 @@ def write_tiny_sd15(root, seed=0):
 TINY_RUN = ["--resolution", "32", "--global-batch", "4", "--micro-batch", "2", "--log-every", "1",
             "--sample-every", "0", "--warmup", "1", "--lr", "1e-3", "--d-lr", "1e-3", "--lora-rank", "2",
             "--k", "24", "--substeps", "3", "--min-size", "8"]
+
+SAMPLE_SIZE = ["--height", "32", "--width", "32"]  # sample.py flags: the tiny model's native 32 px
+
+
+def write_tiny_sd15_with_student(root):
+    """write_tiny_sd15(root), plus root/student: a student made from its UNet (ω embedding of 16)."""
+    unet, _, _ = write_tiny_sd15(root)
+    save_unet(make_student(unet, 16), root / "student")
+    return root
