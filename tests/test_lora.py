@@ -1,6 +1,7 @@
 """LoRA adapters on one shared UNet: a switchable delta that is exactly zero at start and only on inside its block,
 merging equal to the hooks, EMA on adapters, our adapters file, and kohya files that diffusers' own kohya
-conversion reads key for key and that give, on the teacher or on a fine-tune of it, what our merged student gives;
+conversion reads key for key and that diffusers' load_lora_weights (peft) applies to the teacher or to a fine-tune of
+it with the output our student gives;
 export.py --to lora and sample.py --lora end to end; clear errors for files that are not (SD1.x) LoRAs."""
 import copy
 
@@ -8,10 +9,11 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from transformers import CLIPTextModel, CLIPTokenizer
 
 import export
 import sample
@@ -165,22 +167,15 @@ def diffusers_lora(path, unet_config) -> dict:
     return {m: (state[f"unet.{m}.lora_A.weight"], state[f"unet.{m}.lora_B.weight"], alpha) for m in modules}
 
 
-@torch.no_grad()
-def apply_like_peft(unet: UNet2DConditionModel, lora: dict) -> None:
-    """W += (α / r) · ΔW with peft's formulas: B @ A for Linear, conv2d(A^T, B)^T for a conv with a k×k A."""
-    layers = dict(unet.named_modules())
-    for name, (a, b, alpha) in lora.items():
-        a, b, weight = a.float(), b.float(), layers[name].weight
-        if a.ndim == 2:
-            delta = b @ a
-        else:
-            delta = F.conv2d(a.permute(1, 0, 2, 3), b).permute(1, 0, 2, 3)
-        weight += alpha / a.shape[0] * delta
-
-
-def diffusers_unet(unet: UNet, tmp_path) -> UNet2DConditionModel:
-    save_unet(unet, tmp_path)
-    return UNet2DConditionModel.from_pretrained(tmp_path).eval()
+def diffusers_pipeline(root, unet: UNet) -> StableDiffusionPipeline:
+    """A diffusers pipeline built from the tiny folder at root, with `unet` as its UNet (written by our saver and read
+    by diffusers), ready for diffusers' own load_lora_weights (peft backend)."""
+    save_unet(unet, root / "candidate_unet")
+    return StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(root / "vae"), text_encoder=CLIPTextModel.from_pretrained(root / "text_encoder"),
+        tokenizer=CLIPTokenizer.from_pretrained(root / "tokenizer"), scheduler=DDIMScheduler(),
+        unet=UNet2DConditionModel.from_pretrained(root / "candidate_unet").eval(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
 def test_every_kohya_key_is_mapped_by_diffusers_to_a_unet_module(tmp_path):
@@ -199,15 +194,24 @@ def test_every_kohya_key_is_mapped_by_diffusers_to_a_unet_module(tmp_path):
         assert alpha == 8.0 and (b.shape[0], *a.shape[1:]) == tuple(layers[name].weight.shape), name
 
 
-def test_kohya_file_in_diffusers_gives_our_merged_student(tmp_path):
+def load_lora_weights_output(unet: UNet, lora_file, tmp_path) -> torch.Tensor:
+    """diffusers' load_lora_weights (peft backend) applies the kohya file to a pipeline whose UNet is `unet`; the
+    pipeline UNet's output on inputs()."""
+    write_tiny_sd15(tmp_path / "pipe")
+    pipe = diffusers_pipeline(tmp_path / "pipe", unet)
+    pipe.load_lora_weights(str(lora_file))
+    x, t, ctx = inputs()
+    with torch.no_grad():
+        return pipe.unet(x, t, encoder_hidden_states=ctx).sample
+
+
+def test_kohya_file_in_diffusers_load_lora_weights_gives_our_student(tmp_path):
     teacher, adapters = setup()
     save_kohya(adapters, tmp_path / "lora.safetensors", dtype=torch.float32)
-    ref = diffusers_unet(teacher, tmp_path / "unet")
-    apply_like_peft(ref, diffusers_lora(tmp_path / "lora.safetensors", ref.config))
+    theirs = load_lora_weights_output(teacher, tmp_path / "lora.safetensors", tmp_path)
     x, t, ctx = inputs()
-    ours = merge(adapters, teacher)(x, t, ctx)
-    with torch.no_grad():
-        theirs = ref(x, t, encoder_hidden_states=ctx).sample
+    with torch.no_grad(), adapters.active(teacher):
+        ours = teacher(x, t, ctx)
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
     assert (ours - teacher(x, t, ctx)).abs().max() > 1e-3  # the LoRA does change the output
 
@@ -224,12 +228,10 @@ def test_kohya_file_on_a_fine_tune_adds_the_same_delta(tmp_path):
     base, delta, layers = teacher.state_dict(), merged_teacher.state_dict(), finetune.state_dict()
     for name, w in merged_finetune.state_dict().items():  # fine-tune + the same ΔW, and nothing else moved
         torch.testing.assert_close(w - layers[name], delta[name] - base[name], rtol=0, atol=1e-6, msg=name)
-    ref = diffusers_unet(finetune, tmp_path / "unet")
-    apply_like_peft(ref, diffusers_lora(tmp_path / "lora.safetensors", ref.config))
+    theirs = load_lora_weights_output(finetune, tmp_path / "lora.safetensors", tmp_path)
     x, t, ctx = inputs()
     with torch.no_grad():
-        torch.testing.assert_close(ref(x, t, encoder_hidden_states=ctx).sample, merged_finetune(x, t, ctx),
-                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(theirs, merged_finetune(x, t, ctx), rtol=1e-4, atol=1e-4)
 
 
 def test_load_kohya_reads_back_ours_and_the_ldm_spelling(tmp_path):
