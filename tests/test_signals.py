@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import run_folder
+from lora import ADAPTERS_FILE, TARGET_ADAPTERS_FILE
 from datasets import write_folder_dataset
 from tiny_models import TINY_RUN, write_tiny_sd15
 
@@ -46,17 +47,22 @@ def signal_group_after_first_step(cmd, out: Path, signum) -> tuple[int, str]:
     return proc.returncode, output
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_signal_to_the_process_group_with_dataloader_workers_checkpoints_and_exits_0(tmp_path, setup, signum):
+@pytest.mark.parametrize("signum, student", [(signal.SIGTERM, []), (signal.SIGINT, []),
+                                              (signal.SIGTERM, ["--student-lora-rank", "2"])])
+def test_signal_to_the_process_group_with_dataloader_workers_checkpoints_and_exits_0(tmp_path, setup, signum, student):
     model, data = setup
     out = tmp_path / "run"
     code, output = signal_group_after_first_step(
         [sys.executable, str(ROOT / "train.py"), "--model", str(model), "--data", str(data), "--out", str(out),
-         "--steps", "100000", "--num-workers", "2", *TINY_RUN], out, signum)
+         "--steps", "100000", "--num-workers", "2", *TINY_RUN, *student], out, signum)
     assert code == 0, output[-3000:]
     assert "stopped at step" in output and "killed by signal" not in output
-    resume = run_folder.load_checkpoint(out / (out / "latest").read_text())  # complete and loadable
+    step = out / (out / "latest").read_text()
+    resume = run_folder.load_checkpoint(step)  # complete and loadable
     assert resume.state["step"] >= 1
+    if student:  # a LoRA student's checkpoint holds its adapters and their EMA, not UNets
+        assert (step / ADAPTERS_FILE).is_file() and (step / TARGET_ADAPTERS_FILE).is_file()
+        assert not (step / "student").exists()
 
 
 @pytest.mark.slow

@@ -157,12 +157,13 @@ def test_nonfinite_steps_are_skipped_then_stop_with_a_checkpoint(tmp_path, tiny_
     assert state["step"] == 1 and state["counters"]["nonfinite_steps"] == 3
 
 
-def test_latent_cache_then_train_from_it(tmp_path, tiny_model):
+@pytest.mark.parametrize("student", [[], ["--student-lora-rank", "2"]])
+def test_latent_cache_then_train_from_it(tmp_path, tiny_model, student):
     data = write_folder_dataset(tmp_path / "data", n=8, size=40)
     cache = tmp_path / "cache"
-    train.main(["--model", str(tiny_model), "--data", str(data), "--cache-to", str(cache), *TINY_RUN])
+    train.main(["--model", str(tiny_model), "--data", str(data), "--cache-to", str(cache), *TINY_RUN, *student])
     assert (cache / "manifest.json").is_file()
     out = tmp_path / "run"
     train.main(["--model", str(tiny_model), "--data", str(cache), "--out", str(out), "--steps", "1",
-                "--num-workers", "0", *TINY_RUN])
+                "--num-workers", "0", *TINY_RUN, *student])
     assert torch.isfinite(torch.tensor(read_log(out)[-1]["loss_cd"]))
