@@ -216,6 +216,7 @@ def find_resume(cfg, out: Path, master: bool) -> Resume | None:
 GUARDED = {"run.model": "the teacher (--model)", "run.world": "the world size", "run.discriminator":
            "the discriminator on/off (--adv-weight)", "discriminator.lora_rank": "D's LoRA rank",
            "discriminator.lora_alpha": "D's LoRA alpha", "train.global_batch": "the global batch",
+           "train.adv_weighting": "the adversarial weighting (--adv-weighting)",
            "train.micro_batch": "the micro-batch", "run.accumulation": "the gradient accumulation",
            "consistency.w_embed_dim": "the student's ω embedding (architecture)",
            "consistency.timestep_scaling": "the student's boundary scalings",

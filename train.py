@@ -14,6 +14,7 @@ loop); what lives in --out (checkpoints, resume, recovery) is run_folder.py. One
     z0 = VAE(image) · 0.18215,  c = CLIP(caption),  c∅ = CLIP("")
     consistency loss: student f_θ(z_tn) vs the EMA target at the teacher's SDE transition t_n -> t_m (consistency.py)
     adversarial loss: λ_adv · hinge generator term of D(f_θ(z_tn))          (discriminator.py)
+        λ fixed, or VQGAN's adaptive weight (--adv-weighting); none in the first --d-warmup steps
 then an AdamW step of the student, a hinge step of D on real z0 vs the detached fake, and the EMA update.
 Three UNets are alive: the student (fp32 weights, trained), its EMA target (fp32, frozen) and the teacher (frozen;
 bf16 on GPU), which also serves as D's backbone with D's LoRA delta switched on. With --student-lora-rank R
@@ -43,7 +44,7 @@ from checkpoint import read_config
 from consistency import ConsistencyConfig, ema_update, scott_loss
 from data import DataConfig, build_latent_cache, make_loader
 from discriminator import Discriminator, DiscriminatorConfig, d_hinge_loss, g_hinge_loss
-from lora import Adapters, LoRAConfig, LoRAStudent
+from lora import Adapters, LoRAConfig, LoRAStudent, key_of
 from run_folder import (compare_configs, describe_run, find_resume, list_checkpoints, prepare_out, restore,
                         save_checkpoint, set_aside)
 from sample import generate, save_grid
@@ -51,6 +52,9 @@ from sd15 import SD15, TOY_FOLDER, load_sd15
 from sde_solver import NoiseSchedule
 from toy import SAMPLE_PROMPTS as TOY_PROMPTS, TRAINING_OVERRIDES as TOY_OVERRIDES, is_toy_model, make_toy_loader
 from unet import UNet, make_student
+
+
+ADV_WEIGHTINGS = ("fixed", "adaptive")  # TrainConfig.adv_weighting
 
 
 @dataclass
@@ -71,6 +75,12 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     adv_weight: float = 0.4       # λ_adv (paper); 0 switches the discriminator off entirely
+    adv_weighting: str = "fixed"  # "fixed": L_cd + λ_adv L_adv; what λ_adv does depends on L_cd's scale;
+                                  # "adaptive": λ_adv · ‖∇_w L_cd‖ / ‖∇_w L_adv‖ at the student's last layer w
+                                  # (VQGAN, Esser et al. 2021, eq. 7), so λ_adv is the adversarial share of the
+                                  # gradient there (adaptive_adv_weight); costs one more backward through D
+    d_warmup: int = 0             # the first N steps train D (real z0 vs the student's x̂0) but give the student no
+                                  # adversarial term, so D is a trained critic before it pushes the student
     seed: int = 0
     bf16: bool = torch.cuda.is_available()   # autocast bf16, frozen nets stored in bf16
     compile: bool = False         # torch.compile the student, target and teacher
@@ -89,6 +99,8 @@ class TrainConfig:
     student_lora_alpha: float = 0.0  # the student LoRA's alpha (delta scale alpha / rank); 0 = the rank (LCM-LoRA)
 
     def __post_init__(self):
+        if self.adv_weighting not in ADV_WEIGHTINGS:
+            raise ValueError(f"--adv-weighting {self.adv_weighting!r}: must be one of {', '.join(ADV_WEIGHTINGS)}.")
         # The LoRA student's adapters are forward hooks on the teacher, present only while the student runs.
         if self.student_lora_rank and self.grad_checkpointing:
             raise ValueError("--grad-checkpointing does not combine with --student-lora-rank: the adapters are "
@@ -120,10 +132,18 @@ INT_FLAGS = {"steps": (1, "total optimisation steps"), "stop_after": (0, "steps 
              "resolution": (1, "training image side in pixels"), "min_size": (0, "smallest short side; 0 = auto"),
              "shuffle_buffer": (1, "tar samples held for shuffling"), "num_workers": (0, "DataLoader workers per rank"),
              "data_seed": (0, "data order seed"),
-             "student_lora_rank": (0, "rank of the LoRA student; 0 = a full UNet student")}
+             "student_lora_rank": (0, "rank of the LoRA student; 0 = a full UNet student"),
+             "d_warmup": (0, "steps before the student gets the adversarial term")}
 # Floats that must be positive (True) or may also be 0 (False); every float flag must be finite.
 FLOAT_FLAGS = {"lr": True, "d_lr": True, "grad_clip": True, "lora_alpha": True, "weight_decay": False,
                "adv_weight": False, "student_lora_alpha": False}
+# String flags with a fixed set of values (argparse refuses any other, naming the flag).
+CHOICE_FLAGS = {"adv_weighting": ADV_WEIGHTINGS}
+# What --help says of the flags whose meaning the default does not show.
+FLAG_HELP = {"adv_weighting": "fixed: the student's loss is L_cd + λ_adv L_adv; adaptive: λ_adv is rescaled by "
+                              "‖∇L_cd‖ / ‖∇L_adv‖ at the student's last layer (VQGAN's adaptive weight), so it "
+                              "means the adversarial share of that gradient whatever L_cd's scale.",
+             "d_warmup": "steps during which D trains but the student gets no adversarial term."}
 # Defaults of a LoRA student (--student-lora-rank > 0) for the flags not given: LCM-LoRA's teacher guidance range
 # ω ~ U[3, 15] (diffusers' train_lcm_distill_lora_sd.py). The toy model's own defaults win over these.
 LORA_OVERRIDES = dict(w_min=3.0, w_max=15.0)
@@ -155,7 +175,8 @@ def parse_args(argv=None):
             if isinstance(default, bool):
                 group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=shown)
             else:
-                group.add_argument(flag, type=type(default), default=None, help=shown)
+                group.add_argument(flag, type=type(default), default=None, choices=CHOICE_FLAGS.get(f.name),
+                                   help=" ".join(filter(None, (FLAG_HELP.get(f.name), shown))))
     args = vars(parser.parse_args(argv))
     model_index = model_path(args["model"]) / "model_index.json"
     if model_index.exists():
@@ -316,11 +337,12 @@ def build_optimizers(models: Models, cfg: TrainConfig, device):
 
 @dataclass
 class StepStats:
-    loss_cd: torch.Tensor    # consistency loss, mean over the micro-batches
-    loss_g: torch.Tensor     # generator hinge term (0 without D)
-    loss_d: torch.Tensor     # discriminator hinge loss (0 without D, or when the step was skipped)
-    grad_norm: torch.Tensor  # the student's gradient norm before clipping
-    applied: bool            # False: a non-finite loss or gradient on some rank, nothing was updated
+    loss_cd: torch.Tensor     # consistency loss, mean over the micro-batches
+    loss_g: torch.Tensor      # generator hinge term (0 without D, or in D's warm-up)
+    adv_weight: torch.Tensor  # λ_eff, the weight the generator term got, mean over the micro-batches (0 without it)
+    loss_d: torch.Tensor      # discriminator hinge loss (0 without D, or when the step was skipped)
+    grad_norm: torch.Tensor   # the student's gradient norm before clipping
+    applied: bool             # False: a non-finite loss or gradient on some rank, nothing was updated
 
 
 def encode_batch(batch: dict, bundle: SD15, device, autocast):
@@ -342,14 +364,42 @@ def discriminator_view(z: torch.Tensor, t_d: torch.Tensor, noise_d: torch.Tensor
     return z, torch.zeros_like(t_d)
 
 
+def student_last_layer(student: UNet | LoRAStudent) -> torch.nn.Parameter:
+    """w_L of the adaptive weight: the weight of the student's last layer, as VQGAN takes the decoder's last conv.
+    A full student: conv_out.weight. A LoRA student cannot train conv_out (LCM-LoRA's targets leave it out), so: the
+    adapter of conv_out if there is one, else of the last adapted layer, which in unet.py's module order is the
+    last adapted layer the forward runs (on SD1.5 up_blocks.3.attentions.2.proj_out, whose output is added to the
+    features conv_out reads); of that adapter its `up` factor, the one that writes the layer's output (`down`'s
+    gradient is zero while `up` is at its zero initialisation)."""
+    if isinstance(student, LoRAStudent):
+        adapters = student.adapters
+        return adapters[key_of("conv_out") if key_of("conv_out") in adapters else list(adapters)[-1]].up.weight
+    return student.conv_out.weight
+
+
+def adaptive_adv_weight(loss_cd: torch.Tensor, loss_adv: torch.Tensor, last_layer: torch.Tensor, adv_weight: float,
+                        delta: float = 1e-4) -> torch.Tensor:
+    """VQGAN's adaptive weight (Esser et al. 2021, "Taming Transformers", eq. 7), detached:
+        λ_eff = λ_adv · clamp(‖∇_{w_L} L_cd‖ / (‖∇_{w_L} L_adv‖ + δ), 0, 10⁴)
+    (the clamp on the ratio, as taming-transformers' calculate_adaptive_weight). The adversarial gradient at the
+    last layer w_L is then λ_adv times the consistency gradient there, whatever L_cd's scale or reduction. Both
+    graphs are kept for the backward that follows; the norms are taken in fp32."""
+    grad_cd, = torch.autograd.grad(loss_cd, last_layer, retain_graph=True)
+    grad_adv, = torch.autograd.grad(loss_adv, last_layer, retain_graph=True)
+    ratio = grad_cd.float().norm() / (grad_adv.float().norm() + delta)
+    return adv_weight * ratio.clamp(0.0, 1e4).detach()
+
+
 def student_backward(models: Models, micro_batches, cfg: TrainConfig, consistency: ConsistencyConfig,
-                     renoise: bool, generator: torch.Generator, autocast):
-    """Backward of L_cd + λ_adv L_adv over the micro-batches (gradients averaged over them), D frozen as a fixed
-    critic. Returns (L_cd, L_adv) averaged, detached, and per micro-batch the (z0, x̂0 detached, c, t_d, noise_d)
-    that D's step scores."""
+                     renoise: bool, generator: torch.Generator, autocast, adversarial: bool = True):
+    """Backward of L_cd + λ L_adv over the micro-batches (gradients averaged over them), D frozen as a fixed
+    critic; λ = --adv-weight, or with --adv-weighting adaptive adaptive_adv_weight's per micro-batch. With
+    `adversarial` False (D's warm-up) the student gets L_cd alone and D is not run, but D's t_d and noise_d are
+    still drawn for its own step. Returns L_cd, L_adv and λ averaged, detached, and per micro-batch the
+    (z0, x̂0 detached, c, t_d, noise_d) that D's step scores."""
     n = len(micro_batches)
     zero = torch.zeros((), device=models.uncond.device)
-    loss_cd, loss_g, fakes = zero.clone(), zero.clone(), []
+    loss_cd, loss_g, adv_weight, fakes = zero.clone(), zero.clone(), zero.clone(), []
     if models.disc:
         models.disc.requires_grad_(False)  # the generator term must not train D
     for i, (z0, cond) in enumerate(micro_batches):
@@ -363,16 +413,21 @@ def student_backward(models: Models, micro_batches, cfg: TrainConfig, consistenc
                 t_d = torch.randint(0, models.schedule.num_timesteps, (z0.shape[0],), generator=generator,
                                     device=generator.device).to(z0.device)
                 noise_d = torch.randn(z0.shape, generator=generator, device=generator.device).to(z0.device)
-                x_d, t_in = discriminator_view(res.x_student, t_d, noise_d, models.schedule, renoise)
-                g_loss = g_hinge_loss(models.disc(models.teacher_fwd, x_d, t_in, cond))
-                loss = loss + cfg.adv_weight * g_loss
-                loss_g += g_loss.detach() / n
+                if adversarial:
+                    x_d, t_in = discriminator_view(res.x_student, t_d, noise_d, models.schedule, renoise)
+                    g_loss = g_hinge_loss(models.disc(models.teacher_fwd, x_d, t_in, cond))
+                    weight = cfg.adv_weight
+                    if cfg.adv_weighting == "adaptive":
+                        weight = adaptive_adv_weight(res.loss, g_loss, student_last_layer(models.student), weight)
+                    loss = loss + weight * g_loss
+                    loss_g += g_loss.detach() / n
+                    adv_weight += weight / n
                 fakes.append((z0, res.x_student.detach(), cond, t_d, noise_d))
             (loss / n).backward()
         loss_cd += res.loss.detach() / n
     if models.disc:
         models.disc.requires_grad_(True)
-    return loss_cd, loss_g, fakes
+    return loss_cd, loss_g, adv_weight, fakes
 
 
 def discriminator_backward(models: Models, fakes, renoise: bool, autocast) -> torch.Tensor:
@@ -391,16 +446,17 @@ def discriminator_backward(models: Models, fakes, renoise: bool, autocast) -> to
 
 
 def train_step(models: Models, opt, d_opt, micro_batches, cfg: TrainConfig, consistency: ConsistencyConfig,
-               renoise: bool, generator: torch.Generator, autocast) -> StepStats:
-    """One optimisation step of SCott on `micro_batches` [(z0, c), ...]: the student's step (skipped on every rank
-    if any rank saw a non-finite loss or gradient), D's step, then the EMA update of the target. The trainer's loop,
-    the tests and bench.py all run exactly this."""
-    loss_cd, loss_g, fakes = student_backward(models, micro_batches, cfg, consistency, renoise, generator, autocast)
+               renoise: bool, generator: torch.Generator, autocast, step: int = 0) -> StepStats:
+    """Optimisation step `step` (0-based) of SCott on `micro_batches` [(z0, c), ...]: the student's step (skipped on
+    every rank if any rank saw a non-finite loss or gradient; no adversarial term in the first --d-warmup steps),
+    D's step, then the EMA update of the target. The trainer's loop, the tests and bench.py all run exactly this."""
+    loss_cd, loss_g, adv_weight, fakes = student_backward(models, micro_batches, cfg, consistency, renoise, generator,
+                                                          autocast, adversarial=step >= cfg.d_warmup)
     grad_norm = torch.nn.utils.clip_grad_norm_(models.student.parameters(), cfg.grad_clip)
     nonfinite = all_reduce_max((~torch.isfinite(loss_cd + loss_g + grad_norm)).float())
     if nonfinite.item() > 0:  # the one host sync of the step: every rank takes the same branch
         opt.zero_grad(set_to_none=True)
-        return StepStats(loss_cd, loss_g, torch.zeros_like(loss_cd), grad_norm, applied=False)
+        return StepStats(loss_cd, loss_g, adv_weight, torch.zeros_like(loss_cd), grad_norm, applied=False)
     opt.step()
     opt.zero_grad(set_to_none=True)
 
@@ -412,7 +468,7 @@ def train_step(models: Models, opt, d_opt, micro_batches, cfg: TrainConfig, cons
         d_opt.zero_grad(set_to_none=True)
 
     ema_update(models.target, models.student, consistency.ema_decay)  # θ⁻ ← μ θ⁻ + (1 − μ) θ
-    return StepStats(loss_cd, loss_g, loss_d, grad_norm, applied=True)
+    return StepStats(loss_cd, loss_g, adv_weight, loss_d, grad_norm, applied=True)
 
 
 # ---- data and sample grids ---------------------------------------------------------------------------------------
@@ -541,7 +597,8 @@ def main(argv=None):
             counters["skipped_images"] = batch.get("skipped", counters["skipped_images"])
             micro_batches.append(encode_batch(batch, models.bundle, device, autocast))
 
-        stats = train_step(models, opt, d_opt, micro_batches, cfg, consistency, disc_cfg.renoise, generator, autocast)
+        stats = train_step(models, opt, d_opt, micro_batches, cfg, consistency, disc_cfg.renoise, generator, autocast,
+                           step)
 
         if not stats.applied:
             counters["nonfinite_steps"] += 1
@@ -568,12 +625,14 @@ def main(argv=None):
                 dt, t_last = time.time() - t_last, time.time()
                 per_step = dt / (cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every)
                 record = {"step": step, "loss_cd": stats.loss_cd.item(), "loss_g": stats.loss_g.item(),
-                          "loss_d": stats.loss_d.item(), "lr": cfg.lr * lr_scale, "grad_norm": stats.grad_norm.item(),
+                          "adv_weight": stats.adv_weight.item(), "loss_d": stats.loss_d.item(),
+                          "lr": cfg.lr * lr_scale, "grad_norm": stats.grad_norm.item(),
                           "images_per_s": cfg.global_batch / per_step, "eta_s": per_step * (cfg.steps - step),
                           "skipped_images": int(skipped.item()), "nonfinite_steps": counters["nonfinite_steps"]}
                 print(f"step {step}/{cfg.steps} | cd {record['loss_cd']:.5f} | g {record['loss_g']:.3f} | "
-                      f"d {record['loss_d']:.3f} | lr {record['lr']:.2e} | gnorm {record['grad_norm']:.3f} | "
-                      f"{record['images_per_s']:.1f} img/s | skipped {record['skipped_images']} | "
+                      f"λ {record['adv_weight']:.3g} | d {record['loss_d']:.3f} | lr {record['lr']:.2e} | "
+                      f"gnorm {record['grad_norm']:.3f} | {record['images_per_s']:.1f} img/s | "
+                      f"skipped {record['skipped_images']} | "
                       f"eta {record['eta_s'] / 60:.1f} min", flush=True)
                 with open(out / "log.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")

@@ -254,6 +254,7 @@ def copy_run(src: Path, dst: Path) -> Path:
 
 @pytest.mark.parametrize("flags, refused", [
     (["--adv-weight", "0"], "the discriminator on/off.*True -> False"),
+    (["--adv-weighting", "adaptive"], "the adversarial weighting \\(--adv-weighting\\): 'fixed' -> 'adaptive'"),
     (["--lora-rank", "4"], "D's LoRA rank: 2 -> 4"),
     (["--global-batch", "8"], "the global batch: 4 -> 8"),
     (["--micro-batch", "4"], "the micro-batch: 2 -> 4.*the gradient accumulation: 2 -> 1"),

@@ -66,7 +66,7 @@ def test_ema_target_moves_toward_the_student_by_one_minus_mu(tiny_model):
 def test_student_step_gives_d_no_gradient_and_d_step_gives_the_student_none(tiny_model):
     models, opt, d_opt, cfg, consistency = build(tiny_model)
     batches = micro_batches(models)
-    _, loss_g, fakes = train.student_backward(models, batches, cfg, consistency, False,
+    _, loss_g, _, fakes = train.student_backward(models, batches, cfg, consistency, False,
                                               torch.Generator().manual_seed(1), NO_AUTOCAST)
     assert loss_g.abs() > 0  # the generator term was there ...
     assert all(p.grad is not None for p in models.student.parameters() if p.requires_grad)  # ... and trained f_θ
@@ -96,7 +96,7 @@ def record_d_inputs(models):
 def test_d_scores_real_and_fake_at_one_t_with_one_noise(tiny_model, renoise):
     models, opt, d_opt, cfg, consistency = build(tiny_model, renoise=renoise)
     batches = micro_batches(models, n=1)
-    _, _, fakes = train.student_backward(models, batches, cfg, consistency, renoise,
+    _, _, _, fakes = train.student_backward(models, batches, cfg, consistency, renoise,
                                          torch.Generator().manual_seed(1), NO_AUTOCAST)
     calls = record_d_inputs(models)
     train.discriminator_backward(models, fakes, renoise, NO_AUTOCAST)
