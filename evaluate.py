@@ -1,12 +1,20 @@
-"""Toy-world metrics: prompt-following accuracy and a Fréchet distance, both from a small classifier.
+"""Toy-world metrics: prompt-following accuracy, a Fréchet distance and coverage / density, from a small classifier.
 
 The toy world (toy.py) knows the truth of every image it makes, so a small CNN trained on its generator can read a
-generated image's shape, colour and position back, and its penultimate features give a feature space in which to
-compare distributions (an FID with this classifier in place of Inception):
-  - prompt accuracy: the fraction of images whose predicted shape / colour / position / all three match the prompt;
+generated image's shape, colour, pattern and position back, and its penultimate features give a feature space in
+which to compare distributions (an FID with this classifier in place of Inception):
+  - prompt accuracy: per attribute, the fraction of images whose predicted value matches the prompt, over the prompts
+    that name it; "all": the fraction whose every named attribute is right (a prompt that names none always is);
   - Fréchet distance (FD): ‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2 (Σ₁^½ Σ₂ Σ₁^½)^½) between Gaussians fitted to the features of the
     generated images and of fresh synthetic images of the same prompts (Heusel et al. 2017, eq. 6). It drops when
-    samples match the data in quality *and diversity*, the property SCott claims over LCM.
+    samples match the data in quality *and diversity*;
+  - coverage and density (Naeem et al. 2020, eqs. 3–4), from k-nearest-neighbour balls around the real features:
+    coverage is the fraction of real images with a generated image inside their ball, so a sampler that drops modes
+    (the diversity SCott claims over LCM) loses it; density counts how many balls each generated image falls into
+    (≈ 1 for samples distributed like the data, less for samples off the data, more for samples crowding its modes).
+    They are measured on OPEN_PROMPTS, the captions that leave three or all four attributes open, many samples
+    each: there a sampler must choose among many modes per caption. (Over all 480 captions once each, the fully named
+    ones alone span every mode, so a sampler that fills open attributes always the same way keeps full coverage.)
 
     python evaluate.py train-classifier                       # ~2 min on CPU -> toy/classifier.safetensors
     python evaluate.py --model toy/ --teacher-steps 50 --sampler ddim               # the teacher's row
@@ -31,12 +39,15 @@ from checkpoint import atomic_write
 from sample import generate  # the project's sampler: teacher DDIM/DDPM + CFG, or a student's consistency steps
 from sd15 import TOY_FOLDER, load_sd15
 from sde_solver import NoiseSchedule
-from toy import COLOURS, POSITIONS, SHAPES, all_prompts, make_toy_batch, prompts_to_labels, render
+from toy import (ATTRIBUTES, OPEN, VALUES, all_prompts, fill_open, labels_to_prompts, make_toy_batch, parse_prompt,
+                 prompts_to_labels, render)
 from unet import load_unet
 
 CLASSIFIER_PATH = TOY_FOLDER / "classifier.safetensors"
 REFERENCE_SEED = 1234567  # the fresh synthetic images are drawn from a seed no trainer uses (they use 0, 1, ...)
-ATTRIBUTES = ("shape", "colour", "position")
+COVERAGE_K = 5  # the k of coverage and density's k-NN balls (Naeem et al. 2020 use 5)
+OPEN_PROMPTS = [p for p in all_prompts() if sum(a is not None for a in parse_prompt(p)) <= 1]  # 16: "a shape", ...
+OPEN_SAMPLES = 30  # samples per open prompt: 480 in all
 
 
 @dataclass
@@ -67,9 +78,7 @@ class ToyClassifier(nn.Module):
                                   *stage(w, 2 * w), *stage(2 * w, 4 * w), *stage(4 * w, 8 * w))
         side = cfg.resolution // 8
         self.to_features = nn.Linear(8 * w * side * side, cfg.features)
-        self.heads = nn.ModuleDict({"shape": nn.Linear(cfg.features, len(SHAPES)),
-                                    "colour": nn.Linear(cfg.features, len(COLOURS)),
-                                    "position": nn.Linear(cfg.features, len(POSITIONS))})
+        self.heads = nn.ModuleDict({a: nn.Linear(cfg.features, len(v)) for a, v in zip(ATTRIBUTES, VALUES)})
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> penultimate features (B, features)."""
@@ -79,7 +88,7 @@ class ToyClassifier(nn.Module):
         return F.gelu(self.to_features(self.body(images).flatten(1)))
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Images -> logits per attribute: {"shape": (B, 3), "colour": (B, 4), "position": (B, 5)}."""
+        """Images -> logits per attribute: {"shape": (B, 3), "colour": (B, 4), "pattern": (B, 3), "position": (B, 5)}."""
         h = self.features(images)
         return {name: head(h) for name, head in self.heads.items()}
 
@@ -87,7 +96,7 @@ class ToyClassifier(nn.Module):
 # ---- training and storage --------------------------------------------------------------------------------------
 
 def train_classifier(cfg: ClassifierConfig, log_every: int = 100) -> ToyClassifier:
-    """Cross-entropy on all three heads, fresh generator batches every step (no epochs, no overfitting), AdamW with
+    """Cross-entropy on every attribute head, fresh generator batches every step (no epochs, no overfitting), AdamW with
     cosine decay. Mild noise augmentation makes the classifier read shapes, not pixel-perfect renderings, so it
     scores a slightly grainy sample by what it shows."""
     torch.manual_seed(cfg.seed)  # the initial weights
@@ -141,7 +150,7 @@ def load_classifier(path=CLASSIFIER_PATH) -> ToyClassifier:
 
 @torch.no_grad()
 def _run(classifier: ToyClassifier, images: torch.Tensor, batch_size: int = 256):
-    """(features (N, F) float64, predicted labels (N, 3)), on the CPU, over images in chunks. Images are clamped to
+    """(features (N, F) float64, predicted labels (N, 4)), on the CPU, over images in chunks. Images are clamped to
     [-1, 1] first: they are scored as they would be saved."""
     device = next(classifier.parameters()).device
     feats, preds = [], []
@@ -153,14 +162,17 @@ def _run(classifier: ToyClassifier, images: torch.Tensor, batch_size: int = 256)
 
 
 def prompt_accuracy(images: torch.Tensor, prompts: list[str], classifier: ToyClassifier | None = None) -> dict:
-    """How often the image shows what its prompt asks for: {acc_shape, acc_colour, acc_position, acc_all} in [0, 1].
-    images (N, 3, 32, 32) in [-1, 1]; prompts: N toy captions ("a red circle on the left")."""
+    """How often the image shows what its prompt asks for: {acc_shape, acc_colour, acc_pattern, acc_position,
+    acc_all} in [0, 1], each attribute over the prompts that name it (nan if none does), "all" over every image.
+    images (N, 3, 32, 32) in [-1, 1]; prompts: N toy captions ("a striped red circle on the left", "a shape")."""
     if len(prompts) != images.shape[0]:
         raise ValueError(f"prompt_accuracy: {images.shape[0]} images but {len(prompts)} prompts; pass one each.")
     classifier = classifier or load_classifier()
     _, predicted = _run(classifier, images)
-    correct = predicted == prompts_to_labels(prompts)  # (N, 3)
-    scores = {f"acc_{a}": correct[:, i].float().mean().item() for i, a in enumerate(ATTRIBUTES)}
+    asked = prompts_to_labels(prompts)                                 # (N, 4), OPEN where the prompt names nothing
+    named = asked != OPEN
+    correct = (predicted == asked) | ~named                            # an open attribute is never wrong
+    scores = {f"acc_{a}": correct[named[:, i], i].float().mean().item() for i, a in enumerate(ATTRIBUTES)}
     scores["acc_all"] = correct.all(dim=1).float().mean().item()
     return scores
 
@@ -186,6 +198,20 @@ def frechet_distance_from_features(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross).item()
 
 
+def coverage_density(real: torch.Tensor, fake: torch.Tensor, k: int = COVERAGE_K) -> tuple[float, float]:
+    """Coverage and density of fake features (M, F) with respect to real ones (N, F) (Naeem et al. 2020, eqs. 3–4).
+    Each real feature's ball has the radius of its k-th nearest real neighbour (itself excluded):
+      coverage = (1/N) Σ_i 1[some fake lies in real ball i]            in [0, 1]
+      density  = (1/(kM)) Σ_j #{real balls holding fake j}             ≥ 0, ≈ 1 for fakes distributed like the reals"""
+    if real.shape[0] <= k or fake.shape[0] < 1:
+        raise ValueError(f"coverage needs more than k = {k} real and at least one fake sample, got {real.shape[0]} "
+                         f"and {fake.shape[0]}.")
+    real, fake = real.double(), fake.double()
+    radius = torch.cdist(real, real).kthvalue(k + 1, dim=1).values     # (N,): k-th neighbour; the 1st is itself
+    inside = torch.cdist(real, fake) <= radius[:, None]                # (N, M): fake j in real i's ball
+    return inside.any(dim=1).double().mean().item(), inside.sum().item() / (k * fake.shape[0])
+
+
 def frechet_distance(images: torch.Tensor, reference_images: torch.Tensor,
                      classifier: ToyClassifier | None = None) -> float:
     """Fréchet distance between two image sets (N, 3, 32, 32) in [-1, 1], in the classifier's penultimate features."""
@@ -195,47 +221,64 @@ def frechet_distance(images: torch.Tensor, reference_images: torch.Tensor,
 
 def reference_images(prompts: list[str], n_reference: int, seed: int = REFERENCE_SEED,
                      resolution: int = 32) -> torch.Tensor:
-    """Fresh synthetic images (n_reference, 3, H, W) of the given prompts, cycled: the data distribution that a
-    model sampled on `prompts` should match."""
-    labels = prompts_to_labels(prompts)
-    labels = labels[torch.arange(n_reference) % len(prompts)]
-    return render(labels, torch.Generator().manual_seed(seed), resolution)
+    """Fresh synthetic images (n_reference, 3, H, W) of the given prompts, cycled, each attribute a prompt leaves open
+    drawn at random: the data distribution that a model sampled on `prompts` should match."""
+    labels = prompts_to_labels(prompts)[torch.arange(n_reference) % len(prompts)]
+    generator = torch.Generator().manual_seed(seed)
+    return render(fill_open(labels, generator), generator, resolution)
 
 
 def evaluate_samples(images: torch.Tensor, prompts: list[str], n_reference: int | None = None,
                      classifier: ToyClassifier | None = None) -> dict:
-    """All toy metrics of generated images (N, 3, 32, 32) in [-1, 1] made for `prompts`:
-    {acc_shape, acc_colour, acc_position, acc_all, fd}, FD against `n_reference` (default N) fresh synthetic
-    images of the same prompts."""
+    """All toy metrics of generated images (N, 3, 32, 32) in [-1, 1] made for `prompts`: {acc_shape, acc_colour,
+    acc_pattern, acc_position, acc_all, fd, coverage, density}, FD, coverage and density against `n_reference`
+    (default N) fresh synthetic images of the same prompts."""
     classifier = classifier or load_classifier()
     reference = reference_images(prompts, n_reference or len(prompts), resolution=classifier.config.resolution)
-    return {**prompt_accuracy(images, prompts, classifier), "fd": frechet_distance(images, reference, classifier)}
+    fake, real = _run(classifier, images)[0], _run(classifier, reference)[0]
+    coverage, density = coverage_density(real, fake)
+    return {**prompt_accuracy(images, prompts, classifier), "fd": frechet_distance_from_features(fake, real),
+            "coverage": coverage, "density": density}
 
 
 # ---- command line -----------------------------------------------------------------------------------------------
 
+TABLE_HEADER = ("| model | shape | colour | pattern | position | all | FD | coverage | density | seconds |\n"
+                "|---|---|---|---|---|---|---|---|---|---|")
+
+
 def _print_row(name: str, scores: dict, seconds: float) -> None:
-    print(f"| {name:<28} | {scores['acc_shape']:.3f} | {scores['acc_colour']:.3f} | {scores['acc_position']:.3f} | "
-          f"{scores['acc_all']:.3f} | {scores['fd']:8.3f} | {seconds:7.1f} |", flush=True)
+    accuracies = " | ".join(f"{scores[f'acc_{a}']:.3f}" for a in (*ATTRIBUTES, "all"))
+    print(f"| {name:<28} | {accuracies} | {scores['fd']:8.3f} | {scores['coverage']:.3f} | {scores['density']:.3f} | "
+          f"{seconds:7.1f} |", flush=True)
 
 
 def evaluate_models(model, student=None, steps=(1, 2, 4), teacher_steps=None, sampler="ddim", guidance=3.0,
-                    n_per_prompt=8, seed=0, device="cpu") -> list[dict]:
-    """Sample every toy prompt `n_per_prompt` times with the teacher and/or a student and score them; prints a
+                    n_per_prompt=1, seed=0, device="cpu") -> list[dict]:
+    """Sample every toy prompt `n_per_prompt` times, and each of OPEN_PROMPTS OPEN_SAMPLES times, with the teacher
+    and/or a student and score them: accuracy and FD on the first set, coverage and density on the second. Prints a
     markdown table and returns its rows [{"name", "steps", "scores"}] (steps None for the data's own row, fresh
-    synthetic images, which comes first: the best any model can do at this sample size). A student samples with the
+    synthetic images, which comes first: the best any model can do at these sample sizes). A student samples with the
     boundary scalings its config records (sample.generate reads them)."""
     classifier = load_classifier()
-    prompts = all_prompts()
     bundle = load_sd15(model, device=device)
     schedule = NoiseSchedule(bundle.alphas_cumprod.to(device))
     size = classifier.config.resolution
-    print("| model | shape | colour | position | all | FD | seconds |\n|---|---|---|---|---|---|---|")
-    data = render(prompts_to_labels([p for p in prompts for _ in range(n_per_prompt)]),
-                  torch.Generator().manual_seed(seed + 1), size)
-    data_scores = evaluate_samples(data, [p for p in prompts for _ in range(n_per_prompt)], classifier=classifier)
-    rows = [{"name": "data (fresh synthetic)", "steps": None, "scores": data_scores}]
-    _print_row(rows[0]["name"], rows[0]["scores"], 0.0)
+    sets = ([p for p in all_prompts() for _ in range(n_per_prompt)],
+            [p for p in OPEN_PROMPTS for _ in range(OPEN_SAMPLES)])
+
+    def scores_of(make_images) -> dict:
+        """Accuracy and FD of the images made for the first set, coverage and density of those for the second."""
+        main, open_ = make_images(sets[0], 0), make_images(sets[1], len(sets[0]))  # image i from seed + i: no overlap
+        asked, open_asked = sets
+        diversity = evaluate_samples(open_, open_asked, classifier=classifier)
+        scores = evaluate_samples(main, asked, classifier=classifier)
+        return {**scores, "coverage": diversity["coverage"], "density": diversity["density"]}
+
+    print(TABLE_HEADER)
+    data = scores_of(lambda prompts, first: reference_images(prompts, len(prompts), seed + 1 + first, size))
+    rows = [{"name": "data (fresh synthetic)", "steps": None, "scores": data}]
+    _print_row(rows[0]["name"], data, 0.0)
     jobs = []
     if teacher_steps:
         eta = {"ddim": 0.0, "ddpm": 1.0}[sampler]
@@ -245,13 +288,18 @@ def evaluate_models(model, student=None, steps=(1, 2, 4), teacher_steps=None, sa
         jobs += [(f"student {n} step(s) ω={guidance}", unet, n, None) for n in steps]
     for name, unet, n, eta in jobs:
         t0 = time.time()
-        with torch.no_grad():
-            images, _ = generate(bundle, unet, schedule, prompts, n, guidance, size, size, seed=seed, n=n_per_prompt,
-                                 teacher_eta=eta)
-        scores = evaluate_samples(images * 2 - 1, [p for p in prompts for _ in range(n_per_prompt)],
-                                  classifier=classifier)
-        rows.append({"name": name, "steps": n, "scores": scores})
-        _print_row(name, scores, time.time() - t0)
+
+        def sample(prompts, first, chunk=64):
+            """Images for `prompts`, image i from seed + first + i, in chunks (faster on a CPU than one batch)."""
+            images = []
+            for i in range(0, len(prompts), chunk):
+                with torch.no_grad():
+                    images.append(generate(bundle, unet, schedule, prompts[i:i + chunk], n, guidance, size, size,
+                                           seed=seed + first + i, teacher_eta=eta)[0])
+            return torch.cat(images) * 2 - 1
+
+        rows.append({"name": name, "steps": n, "scores": scores_of(sample)})
+        _print_row(name, rows[-1]["scores"], time.time() - t0)
     return rows
 
 
@@ -269,7 +317,8 @@ def main(argv=None):
         model = train_classifier(ClassifierConfig(**args))
         save_classifier(model, out)
         batch = make_toy_batch(2000, torch.Generator().manual_seed(REFERENCE_SEED))
-        print(f"held-out accuracy: {prompt_accuracy(batch['image'], batch['caption'], model)}")
+        every_attribute = labels_to_prompts(batch["labels"])  # the full truth, not the partial captions
+        print(f"held-out accuracy: {prompt_accuracy(batch['image'], every_attribute, model)}")
         print(f"wrote {out}")
         return
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
@@ -280,7 +329,7 @@ def main(argv=None):
     p.add_argument("--teacher-steps", type=int, nargs="*", default=[], help="teacher step counts, e.g. 50")
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim", help="teacher sampler")
     p.add_argument("--guidance", type=float, default=3.0, help="ω, classifier-free guidance scale")
-    p.add_argument("--n-per-prompt", type=int, default=8, help="samples per toy prompt (60 prompts)")
+    p.add_argument("--n-per-prompt", type=int, default=8, help="samples per toy prompt (480 prompts)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="", help='also write the rows here as JSON ([{"name", "steps", "scores"}, ...])')
     args = p.parse_args(argv)

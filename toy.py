@@ -1,9 +1,12 @@
-"""The toy world: captioned 32×32 images of coloured shapes, made on the fly, and a tiny pixel-space teacher.
+"""The toy world: captioned 32×32 images of patterned shapes, made on the fly, and a tiny pixel-space teacher.
 
 Nobody needs to download SD1.5 to watch SCott work: the toy world has the same pieces at laptop size.
-  - data: a shape (circle, square, triangle) of a colour (red, green, blue, yellow) at a position (left, right, top,
-    bottom, centre) on a mid-grey, faintly textured background, with random size, exact place, rotation and shade,
-    so the distribution has real diversity; captions like "a red circle on the left" (60 prompts in all);
+  - data: a shape (circle, square, triangle) of a colour (red, green, blue, yellow) with a pattern (plain, striped,
+    dotted) at a position (left, right, top, bottom, centre) on a mid-grey, faintly textured background, with random
+    size, exact place, rotation, shade and pattern angle and phase. A caption names each attribute or leaves it open
+    ("a striped red circle on the left", "a red shape", "a circle", "a shape": 480 captions), so the images of one
+    caption are many modes with fine, randomly placed detail: what a teacher needs many steps to draw, and what a
+    few-step sampler is tempted to average into a blur;
   - text: a word-level tokenizer and a tiny CLIP text encoder (transformers), randomly initialised with a fixed seed
     and frozen. It does not need to understand language: its only job is to turn each caption into a distinct
     sequence of token features for the UNet to cross-attend to, exactly where SD1.5 puts CLIP;
@@ -11,8 +14,8 @@ Nobody needs to download SD1.5 to watch SCott work: the toy world has the same p
     train_teacher) on SD1.5's own noise schedule, in pixel space (sd15.py's IdentityVAE stands in for the VAE),
     shipped in toy/ in the diffusers layout so `sd15.load_sd15("toy")` loads it like SD1.5.
 
-    python toy.py train-teacher --steps 6000 --batch-size 32 --out toy/      # regenerates the teacher in toy/
-    python toy.py show --out toy_data.png                                     # a grid of training images
+    python toy.py train-teacher --out toy/      # regenerates the teacher in toy/ (resumable: see --state)
+    python toy.py show --out toy_data.png        # a grid of training images
 """
 import argparse
 import copy
@@ -38,18 +41,26 @@ from unet import UNet, UNetConfig, save_unet
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = ("red", "green", "blue", "yellow")
+PATTERNS = ("plain", "striped", "dotted")
 POSITIONS = ("left", "right", "top", "bottom", "centre")
+ATTRIBUTES = ("shape", "colour", "pattern", "position")  # the order of a label row
+VALUES = (SHAPES, COLOURS, PATTERNS, POSITIONS)
+OPEN = -1  # a label entry the caption leaves open: any value, drawn uniformly at random
 # Caption words for each position: "a red circle on the left", "a blue square at the top", ...
 POSITION_PHRASES = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
                     "centre": "in the centre"}
+NAMED_PROBABILITY = 0.6  # a training caption names each attribute with this probability, independently
 
 # Rendering constants, in units of the image side (so any resolution draws the same picture).
 COLOUR_RGB = torch.tensor([[0.90, 0.16, 0.14], [0.18, 0.78, 0.22], [0.20, 0.36, 0.96], [0.95, 0.84, 0.16]])
 POSITION_XY = torch.tensor([[0.28, 0.50], [0.72, 0.50], [0.50, 0.28], [0.50, 0.72], [0.50, 0.50]])  # (x, y), y down
 POSITION_JITTER = 0.06          # the shape's centre moves up to this far in x and y
-RADIUS_RANGE = (0.11, 0.16)     # circle radius; square and triangle are sized to a similar area
+RADIUS_RANGE = (0.15, 0.20)     # circle radius; square and triangle are sized to a similar area
 MAX_ROTATION = math.pi / 12     # squares and triangles turn up to ±15°
 SHADE_RANGE = (0.7, 1.0)        # brightness factor of the shape's colour
+PATTERN_PERIOD = 0.15           # stripes and the dot lattice repeat every 0.15 of the side (4.8 px at 32 px)
+PATTERN_DEPTH = 0.65            # stripes and dots darken the shape's colour by this fraction
+DOT_RADIUS = 0.3                # dot radius, in periods
 # Mid-grey background, before a faint tint and texture. Not dark, on purpose: SD1.5's schedule keeps √ᾱ_999 ≈ 0.07 of
 # the image at t = 999, so a model learns to read the image's mean colour there, and a sampler's pure-noise start
 # (mean 0) then asks for a mean-zero image. SD's latents are near zero-mean; toy images centred on 0 ([-1, 1]) are too.
@@ -59,59 +70,75 @@ BACKGROUND_RANGE = (0.40, 0.56)
 
 # ---- prompts ------------------------------------------------------------------------------------------------------
 
-def make_prompt(shape: str, colour: str, position: str) -> str:
-    """("circle", "red", "left") -> "a red circle on the left"."""
-    return f"a {colour} {shape} {POSITION_PHRASES[position]}"
+def make_prompt(shape=None, colour=None, pattern=None, position=None) -> str:
+    """The caption naming the given attributes, None = left open: ("circle", "red", "striped", "left") ->
+    "a striped red circle on the left"; (None, "red", None, None) -> "a red shape"; all None -> "a shape"."""
+    words = ["a", pattern, colour, shape or "shape", POSITION_PHRASES[position] if position else None]
+    return " ".join(w for w in words if w)
 
 
-def parse_prompt(prompt: str) -> tuple[str, str, str]:
-    """The inverse of make_prompt: "a red circle on the left" -> ("circle", "red", "left")."""
+def parse_prompt(prompt: str) -> tuple:
+    """The inverse of make_prompt: "a striped red circle on the left" -> ("circle", "red", "striped", "left"),
+    "a blue shape" -> (None, "blue", None, None)."""
     words = prompt.lower().split()
     phrases = {v: k for k, v in POSITION_PHRASES.items()}
-    if len(words) == 6 and words[0] == "a" and words[1] in COLOURS and words[2] in SHAPES:
-        position = phrases.get(" ".join(words[3:]))
-        if position:
-            return words[2], words[1], position
-    raise ValueError(f"prompt {prompt!r} is not a toy-world caption. Expected 'a COLOUR SHAPE POSITION' with COLOUR in "
-                     f"{COLOURS}, SHAPE in {SHAPES} and POSITION one of {tuple(POSITION_PHRASES.values())}, "
-                     f"e.g. {make_prompt('circle', 'red', 'left')!r}.")
+    if words[:1] == ["a"]:
+        words = words[1:]
+        pattern = words.pop(0) if words and words[0] in PATTERNS else None
+        colour = words.pop(0) if words and words[0] in COLOURS else None
+        noun = words.pop(0) if words and words[0] in SHAPES + ("shape",) else None
+        position = phrases.get(" ".join(words)) if words else None
+        if noun and (position or not words):
+            return (None if noun == "shape" else noun), colour, pattern, position
+    raise ValueError(f"prompt {prompt!r} is not a toy-world caption. Expected 'a [PATTERN] [COLOUR] SHAPE [POSITION]' "
+                     f"with PATTERN in {PATTERNS}, COLOUR in {COLOURS}, SHAPE in {SHAPES + ('shape',)} ('shape' = "
+                     f"any) and POSITION one of {tuple(POSITION_PHRASES.values())}; the bracketed words may be left "
+                     f"out, e.g. {make_prompt('circle', 'red', None, 'left')!r}.")
 
 
 def all_prompts() -> list[str]:
-    """Every caption of the toy world (60), in a fixed order."""
-    return [make_prompt(s, c, p) for s in SHAPES for c in COLOURS for p in POSITIONS]
+    """Every caption of the toy world (480: each attribute named or left open), in a fixed order."""
+    options = [(None, *values) for values in VALUES]
+    return [make_prompt(s, c, pa, po) for s in options[0] for c in options[1] for pa in options[2] for po in options[3]]
 
 
 def labels_to_prompts(labels: torch.Tensor) -> list[str]:
-    """Labels (B, 3) of (shape, colour, position) indices -> captions."""
-    return [make_prompt(SHAPES[s], COLOURS[c], POSITIONS[p]) for s, c, p in labels.tolist()]
+    """Labels (B, 4) of (shape, colour, pattern, position) indices, OPEN for an attribute left open -> captions."""
+    return [make_prompt(*(values[i] if i != OPEN else None for values, i in zip(VALUES, row))) for row in labels.tolist()]
 
 
 def prompts_to_labels(prompts: list[str]) -> torch.Tensor:
-    """Captions -> labels (B, 3) of (shape, colour, position) indices."""
-    parsed = [parse_prompt(p) for p in prompts]
-    return torch.tensor([[SHAPES.index(s), COLOURS.index(c), POSITIONS.index(p)] for s, c, p in parsed],
-                        dtype=torch.long).reshape(len(prompts), 3)
+    """Captions -> labels (B, 4) of (shape, colour, pattern, position) indices, OPEN where the caption names none."""
+    rows = [[values.index(a) if a else OPEN for values, a in zip(VALUES, parse_prompt(p))] for p in prompts]
+    return torch.tensor(rows, dtype=torch.long).reshape(len(prompts), len(ATTRIBUTES))
 
 
 # ---- images -------------------------------------------------------------------------------------------------------
 
 def sample_labels(n: int, generator: torch.Generator) -> torch.Tensor:
-    """n uniformly random (shape, colour, position) index triples, (n, 3)."""
-    sizes = torch.tensor([len(SHAPES), len(COLOURS), len(POSITIONS)])
-    return (torch.rand(n, 3, generator=generator) * sizes).long().clamp(max=sizes - 1)
+    """n uniformly random (shape, colour, pattern, position) index rows, (n, 4), none open."""
+    sizes = torch.tensor([len(values) for values in VALUES])
+    return (torch.rand(n, len(VALUES), generator=generator) * sizes).long().clamp(max=sizes - 1)
+
+
+def fill_open(labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Labels (B, 4) with every OPEN entry replaced by a uniformly random value (a caption's images)."""
+    drawn = sample_labels(labels.shape[0], generator)
+    return torch.where(labels == OPEN, drawn, labels)
 
 
 def render(labels: torch.Tensor, generator: torch.Generator, size: int = 32) -> torch.Tensor:
-    """Images (B, 3, size, size) in [-1, 1] of the shapes named by labels (B, 3), with random jitter from `generator`.
+    """Images (B, 3, size, size) in [-1, 1] of the shapes named by labels (B, 4), none OPEN (see fill_open), with
+    random jitter from `generator`.
 
     Every random number is drawn for every image in the same order whatever its labels, so an image depends only on
-    its labels and the generator state. Shapes are drawn from signed distances with a one-pixel soft edge
-    (anti-aliasing), all in torch, vectorised over the batch.
+    its labels and the generator state. Shapes and dots are drawn from signed distances with a one-pixel soft edge
+    (anti-aliasing), stripes as a clipped cosine; all in torch, vectorised over the batch. A pattern has a random
+    orientation and phase: the detail a few-step sampler must commit to, not average away.
     """
     n = labels.shape[0]
     rand = lambda *shape: torch.rand(*shape, generator=generator)  # noqa: E731
-    shape, colour, position = labels[:, 0], labels[:, 1], labels[:, 2]
+    shape, colour, pattern, position = labels.unbind(1)
     centre = POSITION_XY[position] + (2 * rand(n, 2) - 1) * POSITION_JITTER       # (B, 2)
     radius = RADIUS_RANGE[0] + (RADIUS_RANGE[1] - RADIUS_RANGE[0]) * rand(n)      # (B,)
     angle = (2 * rand(n) - 1) * MAX_ROTATION                                       # (B,)
@@ -122,11 +149,12 @@ def render(labels: torch.Tensor, generator: torch.Generator, size: int = 32) -> 
     # Faint texture: smooth noise, a 4×4 grid of random values upsampled to the image.
     texture = F.interpolate((rand(n, 1, 4, 4) - 0.5) * 0.08, size=(size, size), mode="bilinear", align_corners=False)
     background = (grey + tint)[:, :, None, None] + texture                         # (B, 3, H, W)
+    pattern_angle, phase = rand(n) * math.pi, rand(n, 2)                           # (B,), (B, 2) in periods
 
-    # Pixel centres relative to the shape's centre, rotated into the shape's frame: (B, H, W) each.
+    # Pixel centres, (1, 1, W) and (1, H, 1), then relative to the shape's centre, rotated into the shape's frame.
     coords = (torch.arange(size) + 0.5) / size
-    dx = coords[None, None, :] - centre[:, 0, None, None]
-    dy = coords[None, :, None] - centre[:, 1, None, None]
+    px, py = coords[None, None, :], coords[None, :, None]
+    dx, dy = px - centre[:, 0, None, None], py - centre[:, 1, None, None]          # (B, H, W) each
     cos, sin = angle.cos()[:, None, None], angle.sin()[:, None, None]
     x, y = cos * dx + sin * dy, -sin * dx + cos * dy
     r = radius[:, None, None]
@@ -136,17 +164,19 @@ def render(labels: torch.Tensor, generator: torch.Generator, size: int = 32) -> 
     triangle = torch.maximum(torch.maximum(y, -0.5 * y + 0.866 * x), -0.5 * y - 0.866 * x) - 0.7 * r
     distance = torch.where(shape[:, None, None] == 0, circle, torch.where(shape[:, None, None] == 1, square, triangle))
     coverage = (0.5 - distance * size).clamp(0, 1)[:, None]                        # (B, 1, H, W), soft edge
-    image = background * (1 - coverage) + rgb[:, :, None, None] * coverage
+
+    # The pattern, in image coordinates turned by pattern_angle, in periods (u, v), shifted by the random phase.
+    pc, ps = pattern_angle.cos()[:, None, None], pattern_angle.sin()[:, None, None]
+    u = (pc * px + ps * py) / PATTERN_PERIOD + phase[:, 0, None, None]
+    v = (-ps * px + pc * py) / PATTERN_PERIOD + phase[:, 1, None, None]
+    stripes = (0.5 + torch.cos(2 * math.pi * u) * size * PATTERN_PERIOD / 4).clamp(0, 1)  # edges about a pixel wide
+    to_dot = torch.sqrt((u - u.round()) ** 2 + (v - v.round()) ** 2) * PATTERN_PERIOD   # to the nearest lattice point
+    dots = (0.5 - (to_dot - DOT_RADIUS * PATTERN_PERIOD) * size).clamp(0, 1)
+    p = pattern[:, None, None]
+    mark = torch.where(p == 0, torch.zeros_like(dots), torch.where(p == 1, stripes, dots))[:, None]
+    fill = rgb[:, :, None, None] * (1 - PATTERN_DEPTH * mark)                      # (B, 3, H, W)
+    image = background * (1 - coverage) + fill * coverage
     return image.clamp(0, 1) * 2 - 1
-
-
-def make_images(shapes, colours, positions, generator: torch.Generator, size: int = 32) -> torch.Tensor:
-    """Images (B, 3, size, size) in [-1, 1] for given attribute names (three equal-length lists)."""
-    if not len(shapes) == len(colours) == len(positions):
-        raise ValueError(f"make_images: shapes, colours and positions must have the same length, got "
-                         f"{len(shapes)}, {len(colours)} and {len(positions)}.")
-    prompts = [make_prompt(s, c, p) for s, c, p in zip(shapes, colours, positions)]
-    return render(prompts_to_labels(prompts), generator, size)
 
 
 def batch_seed(seed: int, rank: int, index: int) -> int:
@@ -155,10 +185,12 @@ def batch_seed(seed: int, rank: int, index: int) -> int:
 
 
 def make_toy_batch(batch_size: int, generator: torch.Generator, size: int = 32) -> dict:
-    """One batch: image (B, 3, size, size) in [-1, 1], caption list[str], labels (B, 3) of the caption, skipped 0."""
+    """One batch: image (B, 3, size, size) in [-1, 1], caption list[str] naming each attribute with probability
+    NAMED_PROBABILITY, labels (B, 4) of what the image shows, skipped 0."""
     labels = sample_labels(batch_size, generator)
-    return {"image": render(labels, generator, size), "caption": labels_to_prompts(labels), "labels": labels,
-            "skipped": 0}
+    named = torch.rand(labels.shape, generator=generator) < NAMED_PROBABILITY
+    return {"image": render(labels, generator, size), "caption": labels_to_prompts(labels.where(named, OPEN)),
+            "labels": labels, "skipped": 0}
 
 
 def make_toy_loader(batch_size: int, rank: int = 0, world_size: int = 1, start_batch: int = 0, seed: int = 0,
@@ -188,7 +220,7 @@ def make_toy_loader(batch_size: int, rank: int = 0, world_size: int = 1, start_b
 TRAINING_OVERRIDES = dict(steps=400, global_batch=16, micro_batch=0, lr=1e-4, d_lr=1e-4, warmup=20, adv_weight=0.0,
                           ckpt_every=200, sample_every=200, log_every=20, resolution=32, lora_rank=4, lora_alpha=4.0,
                           w_min=2.0, w_max=6.0)
-SAMPLE_PROMPTS = ["a red circle on the left", "a blue square at the top", "a green triangle on the right"]
+SAMPLE_PROMPTS = ["a striped red circle on the left", "a dotted shape", "a green triangle"]
 
 
 def is_toy_model(model_path) -> bool:
@@ -282,7 +314,7 @@ def _swap_in(folder: Path, write) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def train_teacher(cfg: TeacherConfig, out) -> None:
+def train_teacher(cfg: TeacherConfig, out, state_file=None) -> None:
     """The standard DDPM objective (Ho et al. 2020, eq. 14): E‖ε − ε_θ(√ᾱ_t x0 + √(1 − ᾱ_t) ε, t, c)‖², t uniform in
     [0, 999] of SD1.5's schedule, c the caption's token features (the empty prompt 10 % of the time). AdamW, EMA of
     the weights, bf16 autocast on CUDA (fp32 on CPU); the EMA teacher is saved to `out` every `save_every` steps.
@@ -292,7 +324,11 @@ def train_teacher(cfg: TeacherConfig, out) -> None:
     difference mean(x_t) − mean(ε̂), amplified 15×. With plain Gaussian ε that mean is 1/1024 of the loss and this
     GroupNorm-heavy UNet learned to ignore it (mean(ε̂) ≈ 0.1 · mean(x_t) at t = 999 after 3000 steps), so every
     sample got a random, strongly tinted background. The offset makes the mean a real part of ε to predict (with it:
-    mean(ε̂) ≈ 0.99 · mean(x_t) after 6000 steps, and grey backgrounds)."""
+    mean(ε̂) ≈ 0.99 · mean(x_t) after 6000 steps, and grey backgrounds).
+
+    With `state_file`, the full training state (weights, EMA, optimiser, step, random generator) is written there at
+    every save, atomically, and read back if it exists, so an interrupted training continues exactly where its last
+    save left it (the data of step i is a pure function of the seed and i)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     unet_cfg = UNetConfig.toy()
     tokenizer, text_encoder = build_tokenizer(), build_text_encoder(unet_cfg.cross_attention_dim, cfg.text_seed)
@@ -303,15 +339,27 @@ def train_teacher(cfg: TeacherConfig, out) -> None:
     text_encoder.to(device)
     schedule = NoiseSchedule.sd15(device=device)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
-    loader = make_toy_loader(cfg.batch_size, seed=cfg.seed)
     generator = torch.Generator(device).manual_seed(cfg.seed + 1)  # timesteps, noise, caption dropout
+    start = 0
+    if state_file and Path(state_file).is_file():
+        state = torch.load(state_file, map_location=device, weights_only=True)
+        if state["config"] != asdict(cfg):
+            raise ValueError(f"{state_file}: was written by a teacher training with other settings "
+                             f"({state['config']}); pass those, or another --state file to start afresh.")
+        unet.load_state_dict(state["unet"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        generator.set_state(state["generator"].cpu())
+        start = state["step"]
+        print(f"resumed from {state_file} at step {start}", flush=True)
+    loader = make_toy_loader(cfg.batch_size, seed=cfg.seed, start_batch=start)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     n_params = sum(p.numel() for p in unet.parameters())
     print(f"toy teacher: {n_params / 1e6:.2f}M parameters, device {device}, batch {cfg.batch_size}, "
           f"{cfg.steps} steps -> {out}", flush=True)
 
     t0, loss_sum = time.time(), 0.0
-    for step in range(1, cfg.steps + 1):
+    for step in range(start + 1, cfg.steps + 1):
         # Linear warm-up, then cosine decay from lr to lr/10.
         progress = max(0.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
         lr = cfg.lr * min(1.0, step / cfg.warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
@@ -341,13 +389,18 @@ def train_teacher(cfg: TeacherConfig, out) -> None:
         loss_sum += loss.item()
         if step % cfg.log_every == 0:
             print(f"step {step}/{cfg.steps} | loss {loss_sum / cfg.log_every:.4f} | lr {lr:.2e} | "
-                  f"{step / (time.time() - t0):.2f} it/s | {(time.time() - t0) / 60:.1f} min", flush=True)
+                  f"{(step - start) / (time.time() - t0):.2f} it/s | {(time.time() - t0) / 60:.1f} min", flush=True)
             loss_sum = 0.0
         if step % cfg.save_every == 0 or step == cfg.steps:
             # float16 halves the repository's share (loaders cast back to float32); the text encoder is tiny.
             teacher = copy.deepcopy(ema).to("cpu", torch.float16)
             write_toy_folder(out, teacher, text_encoder.cpu(), tokenizer)
             text_encoder.to(device)
+            if state_file:
+                state = {"config": asdict(cfg), "step": step, "unet": unet.state_dict(), "ema": ema.state_dict(),
+                         "opt": opt.state_dict(), "generator": generator.get_state()}
+                Path(state_file).parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(Path(state_file), lambda tmp: torch.save(state, tmp))
             print(f"saved the EMA teacher (float16) to {out} at step {step}", flush=True)
 
 
@@ -360,6 +413,8 @@ def main(argv=None):
     for name, value in asdict(TeacherConfig()).items():
         train.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     train.add_argument("--out", default=str(TOY_FOLDER))
+    train.add_argument("--state", default="runs/toy-teacher/state.pt",
+                       help="training state, saved with every teacher save and resumed from if it exists")
     show = sub.add_parser("show", help="write a grid of training images with their captions")
     show.add_argument("--n", type=int, default=64)
     show.add_argument("--seed", type=int, default=0)
@@ -367,7 +422,8 @@ def main(argv=None):
     args = vars(p.parse_args(argv))
     command, out = args.pop("command"), args.pop("out")
     if command == "train-teacher":
-        train_teacher(TeacherConfig(**args), out)
+        state = args.pop("state")
+        train_teacher(TeacherConfig(**args), out, state)
     else:
         batch = make_toy_batch(args["n"], torch.Generator().manual_seed(args["seed"]))
         save_grid((batch["image"] + 1) / 2, out, columns=8, metadata={"captions": json.dumps(batch["caption"])})

@@ -1,13 +1,18 @@
-"""The README's toy-world results table: distil the shipped toy teacher under each setting and score every student.
+"""The toy-world study: distil the shipped toy teacher under each setting, score the students along training.
 
-    python toy_table.py                                  # every row (58 min with 2 jobs on a 2-core CPU)
-    python toy_table.py --steps 400 --seeds 0 1 2 --jobs 2 --out runs/table
+    python toy_table.py                                  # every run (hours on a 2-core CPU; resumable)
+    python toy_table.py --seeds 0 --jobs 2 --out runs/table   # one seed of every row
 
-Each run is `python train.py --steps S --seed s <the row's flags>` (on top of the toy defaults: batch 16, lr 1e-4,
-ω ∈ [2, 6], k = 24) into OUT/<flags>/seed-s, then `python evaluate.py` scores its final student at 1, 2 and 4 steps
-(ω = 3, 8 samples of each of the 60 prompts, all-attributes accuracy and Fréchet distance; see evaluate.py). The
-teacher is scored the same way with DDIM at 1, 2, 4 and 50 steps. Runs that already have their scores are reused,
-so an interrupted table continues where it stopped. The table goes to stdout and OUT/table.md.
+Each run is `python train.py --seed s <the row's flags>` (on top of the toy defaults: batch 16, lr 1e-4, ω ∈ [2, 6],
+k = 24) into OUT/<flags>/seed-s. Every run gets the same teacher budget, BUDGET_STEPS optimisation steps at h = 3
+(16 images × h sub-steps × 2 for CFG per step): an h = 1 run trains three times as many steps. The run stops at
+fixed points of that budget (and at BUDGET_STEPS itself, the equal-optimiser-steps point), and `python evaluate.py`
+scores its student there at 1, 2 and 4 steps: accuracy, Fréchet distance (FD) and coverage in the toy classifier's
+features (evaluate.py). The teacher is scored the same way with DDIM at 1, 2, 4 and 50 steps.
+
+Everything a run has done stays on disk (checkpoints, per-point scores), so an interrupted study continues where it
+stopped, and the tables and the plot are made from whatever is finished. Outputs: OUT/table.md and
+OUT/tradeoff.png (trade-off curves, 1-step FD against 2-step FD along training; needs matplotlib).
 """
 import argparse
 import json
@@ -17,21 +22,51 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ADV_WEIGHT = 0.05  # the paper's 0.4 swamps the toy's consistency loss within ~100 steps (README, "The toy world")
-ADV = f"--adv-weight {ADV_WEIGHT}"
-ROWS = [  # (name, train.py flags, with every seed?) -- the η × h ablation has no adversarial loss and one seed
-    ("CD (η=0, h=1)", "--eta 0 --substeps 1 --adv-weight 0", True),
-    ("SCott without adversarial (η=0.3, h=3)", "--eta 0.3 --substeps 3 --adv-weight 0", True),
-    (f"SCott (η=0.3, h=3, λ_adv={ADV_WEIGHT}, D at t=0)", f"--eta 0.3 --substeps 3 {ADV}", True),
-    (f"SCott (η=0.3, h=3, λ_adv={ADV_WEIGHT}, D re-noised)", f"--eta 0.3 --substeps 3 {ADV} --renoise", True),
-    (f"CD + adversarial (λ_adv={ADV_WEIGHT}, D re-noised)", f"--eta 0 --substeps 1 {ADV} --renoise", False),
-    *((f"η={eta}, h={h}, no adversarial", f"--eta {eta} --substeps {h} --adv-weight 0", False)
-      for eta in (0, 0.1, 0.3, 0.6) for h in (1, 3))]
+BUDGET_STEPS = 400          # optimisation steps of an h = 3 run; an h-sub-step run gets 3 / h times as many
+POINTS = 4                  # scored points along each run, evenly spaced in teacher evaluations
+BATCH = 16                  # the toy's global batch (toy.TRAINING_OVERRIDES)
 STUDENT_STEPS = (1, 2, 4)
 TEACHER_STEPS = (1, 2, 4, 50)
+ADV_FIXED = 0.05            # the paper's 0.4 as a fixed weight swamped the toy's consistency loss (README)
+ADV_ADAPTIVE = 0.4          # the paper's λ_adv, as a share of the consistency gradient at the student's last layer
+ADVERSARIAL = (("", "--adv-weight 0"),
+               (f" + adv λ={ADV_FIXED}", f"--adv-weight {ADV_FIXED} --renoise"),
+               (f" + adv λ={ADV_ADAPTIVE} adaptive", f"--adv-weight {ADV_ADAPTIVE} --adv-weighting adaptive --renoise"))
+TARGETS = (("CD (η=0, h=1)", 0.0, 1, True), ("SCott (η=0.3, h=3)", 0.3, 3, True),  # (name, η, h, every seed?)
+           ("SCott (η=0.1, h=1)", 0.1, 1, False), ("SCott (η=0.3, h=1)", 0.3, 1, False),
+           ("SCott (η=0.1, h=3)", 0.1, 3, False))
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    flags: str
+    substeps: int
+    every_seed: bool
+
+    @property
+    def steps(self) -> int:
+        """The run's length: the same teacher evaluations as BUDGET_STEPS steps at h = 3."""
+        return BUDGET_STEPS * 3 // self.substeps
+
+    @property
+    def points(self) -> list[int]:
+        """Optimisation steps at which the student is scored: POINTS even teacher-budget fractions, plus
+        BUDGET_STEPS (equal optimiser steps)."""
+        return sorted({self.steps * (i + 1) // POINTS for i in range(POINTS)} | {BUDGET_STEPS})
+
+
+ROWS = [Row(name + adv_name, f"--eta {eta} --substeps {h} {adv_flags}", h, main)
+        for name, eta, h, main in TARGETS for adv_name, adv_flags in ADVERSARIAL]
+
+
+def teacher_evaluations(step: int, substeps: int) -> int:
+    """Teacher UNet evaluations (per image) spent by `step` optimisation steps: batch × h × 2 (cond + uncond)."""
+    return step * BATCH * substeps * 2
 
 
 def slug(flags: str) -> str:
@@ -40,7 +75,7 @@ def slug(flags: str) -> str:
 
 
 def run(command: list[str], log: Path, threads: int) -> None:
-    """One subprocess with its output in `log`; a failure stops the table with the log's tail."""
+    """One subprocess with its output in `log`; a failure stops the study with the log's tail."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     with open(log, "a") as f:
         code = subprocess.call(command, stdout=f, stderr=subprocess.STDOUT, cwd=HERE, env=env)
@@ -49,34 +84,43 @@ def run(command: list[str], log: Path, threads: int) -> None:
                            + "".join(log.read_text().splitlines(keepends=True)[-20:]))
 
 
-def score(folder: Path, evaluate_flags: list[str], threads: int) -> tuple[dict, dict]:
-    """`python evaluate.py FLAGS --json folder/scores.json` unless that file is there; returns ({steps: scores},
-    the data's own row), from the step count evaluate.py records in each row."""
-    scores_file = folder / "scores.json"
+def score(scores_file: Path, evaluate_flags: list[str], threads: int) -> tuple[dict, dict]:
+    """`python evaluate.py FLAGS --json scores_file` unless that file is there; returns ({steps: scores}, the data's
+    own row), from the step count evaluate.py records in each row."""
     if not scores_file.is_file():
-        run([sys.executable, "evaluate.py", *evaluate_flags, "--json", str(scores_file)], folder / "eval.log", threads)
+        run([sys.executable, "evaluate.py", *evaluate_flags, "--json", str(scores_file)],
+            scores_file.with_suffix(".log"), threads)
     data, *rows = json.loads(scores_file.read_text())
     return {row["steps"]: row["scores"] for row in rows}, data["scores"]
 
 
-def train_and_score(folder: Path, flags: str, steps: int, seed: int, threads: int) -> dict:
-    """Distil (unless this run was already scored), then score the final student; returns {steps: scores}."""
+def train_and_score(row: Row, folder: Path, seed: int, threads: int) -> dict:
+    """Distil in stages, stopping at each of the row's points to score the student there (each stage resumes the
+    last checkpoint exactly); returns {step: {student steps: scores}}. Finished stages are skipped."""
     folder.mkdir(parents=True, exist_ok=True)
-    if not (folder / "scores.json").is_file():
-        t0 = time.time()
-        run([sys.executable, "train.py", "--out", str(folder), "--steps", str(steps), "--seed", str(seed),
-             "--resume", "auto", "--sample-every", "0", "--ckpt-every", "100", *flags.split()],
-            folder / "train.log", threads)
-        (folder / "train_seconds.txt").write_text(f"{time.time() - t0:.0f}\n")
-    student = folder / f"step-{steps:07d}" / "student"
-    return score(folder, ["--student", str(student), "--steps", *map(str, STUDENT_STEPS)], threads)[0]
+    curve = {}
+    for point in row.points:
+        scores_file = folder / f"scores-{point:07d}.json"
+        student = folder / f"step-{point:07d}" / "student"
+        if not scores_file.is_file() and not student.is_dir():
+            t0 = time.time()
+            run([sys.executable, "train.py", "--out", str(folder), "--steps", str(row.steps), "--seed", str(seed),
+                 "--resume", "auto", "--sample-every", "0", "--ckpt-every", str(row.steps), "--stop-after",
+                 str(point - latest_step(folder)), *row.flags.split()], folder / "train.log", threads)
+            with open(folder / "train_seconds.txt", "a") as f:
+                f.write(f"{point} {time.time() - t0:.0f}\n")
+        curve[point] = score(scores_file, ["--student", str(student), "--steps", *map(str, STUDENT_STEPS)],
+                             threads)[0]
+    return curve
 
 
-def score_teacher(folder: Path, threads: int) -> tuple[dict, dict]:
-    """The undistilled teacher with DDIM: ({steps: scores}, the data's own row)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    return score(folder, ["--teacher-steps", *map(str, TEACHER_STEPS)], threads)
+def latest_step(folder: Path) -> int:
+    """The step of the run's newest checkpoint, 0 if none."""
+    latest = folder / "latest"
+    return int(latest.read_text().strip().removeprefix("step-")) if latest.is_file() else 0
 
+
+# ---- tables and the plot ----------------------------------------------------------------------------------------
 
 def mean_std(values: list[float], digits: int) -> str:
     if len(values) == 1:
@@ -84,44 +128,90 @@ def mean_std(values: list[float], digits: int) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
+COLUMNS = (("acc_all", 3), ("fd", 1), ("coverage", 3))
+HEADER = ("| method | seeds | " + " | ".join(f"{m} {n}" for m, _ in COLUMNS for n in STUDENT_STEPS) + " |\n|"
+          + "---|" * (2 + len(COLUMNS) * len(STUDENT_STEPS)))
+
+
 def table_row(name: str, per_seed: list[dict]) -> str:
-    """per_seed: [{steps: scores}] -> one markdown row of accuracy and FD at 1, 2 and 4 steps."""
-    acc = [mean_std([s[n]["acc_all"] for s in per_seed], 3) for n in STUDENT_STEPS]
-    fd = [mean_std([s[n]["fd"] for s in per_seed], 1) for n in STUDENT_STEPS]
-    return f"| {name} | {len(per_seed)} | " + " | ".join(acc + fd) + " |"
+    """per_seed: [{student steps: scores}] -> one markdown row: accuracy, FD and coverage at 1, 2 and 4 steps."""
+    cells = [mean_std([s[n][metric] for s in per_seed], digits) for metric, digits in COLUMNS for n in STUDENT_STEPS]
+    return f"| {name} | {len(per_seed)} | " + " | ".join(cells) + " |"
+
+
+def plot_tradeoff(curves: dict, path: Path) -> None:
+    """1-step FD (x) against 2-step FD (y) along training, one line per row (mean over its seeds), from the first
+    to the last scored point; lower-left is better. Skipped with a note if matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no trade-off plot (pip install matplotlib)")
+        return
+    fig, ax = plt.subplots(figsize=(8, 6))
+    for name, points in curves.items():
+        xs = [statistics.mean(s[1]["fd"] for s in seeds) for seeds in points.values()]
+        ys = [statistics.mean(s[2]["fd"] for s in seeds) for seeds in points.values()]
+        ax.plot(xs, ys, marker="o", label=name)
+        ax.annotate("end", (xs[-1], ys[-1]), fontsize=7)
+    ax.set_xlabel("FD, 1 step")
+    ax.set_ylabel("FD, 2 steps")
+    ax.set_title(f"toy world: along training, equal teacher budget ({POINTS} points per run)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def report(out: Path, rows: list, seeds: list[int], teacher: tuple, runs: dict) -> str:
+    """The markdown: the teacher's rows, then every method at equal optimiser steps and at equal teacher budget,
+    from the runs that have those points."""
+    teacher_scores, data_scores = teacher
+    lines = [f"Scores at ω = 3 on 480 samples (one per toy prompt). acc = all named attributes right; FD = Fréchet "
+             f"distance in the classifier's features (lower is better); coverage (Naeem et al. 2020, k = 5; higher "
+             f"is better). ± = std over training seeds.",
+             f"Fresh synthetic data: acc {data_scores['acc_all']:.3f}, FD {data_scores['fd']:.1f}, coverage "
+             f"{data_scores['coverage']:.3f} (the floor at this sample size).", "",
+             "Teacher, DDIM with CFG (2 UNet evaluations per step):", "",
+             "| steps | acc | FD | coverage |", "|---|---|---|---|"]
+    lines += [f"| {n} | {s['acc_all']:.3f} | {s['fd']:.1f} | {s['coverage']:.3f} |" for n, s in teacher_scores.items()]
+    for title, pick in ((f"Equal optimiser steps ({BUDGET_STEPS}):", lambda row: BUDGET_STEPS),
+                        (f"Equal teacher budget ({teacher_evaluations(BUDGET_STEPS, 3) / 1000:.1f}K teacher UNet "
+                         f"evaluations; {BUDGET_STEPS} steps at h = 3, {3 * BUDGET_STEPS} at h = 1):",
+                         lambda row: row.steps)):
+        lines += ["", title, "", HEADER]
+        for row in rows:
+            done = [runs[row.flags, s][pick(row)] for s in (seeds if row.every_seed else seeds[:1])
+                    if pick(row) in runs.get((row.flags, s), {})]
+            if done:
+                lines.append(table_row(row.name, done))
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="runs/table", help="runs, logs and table.md go here")
-    p.add_argument("--steps", type=int, default=400, help="distillation steps of every run")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (the single-seed rows use the first)")
+    p.add_argument("--out", default="runs/table", help="runs, logs, table.md and tradeoff.png go here")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="training seeds (the single-seed rows use the first)")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, each with 1 CPU thread")
     args = p.parse_args(argv)
     out = Path(args.out).resolve()  # the subprocesses run in the repository folder
-    rows = [(name, flags, args.seeds if every_seed else args.seeds[:1]) for name, flags, every_seed in ROWS]
-    runs = list(dict.fromkeys((flags, seed) for _, flags, seeds in rows for seed in seeds))  # shared between rows
-    t0 = time.time()
+    # The first seed of every row first, so a partial study already has every row.
+    order = [(row, seed) for seed in args.seeds for row in ROWS if row.every_seed or seed == args.seeds[0]]
+    t0, runs = time.time(), {}
     with ThreadPoolExecutor(args.jobs) as pool:
-        teacher = pool.submit(score_teacher, out / "teacher", 1)
-        futures = {(flags, seed): pool.submit(train_and_score, out / slug(flags) / f"seed-{seed}", flags, args.steps,
-                                              seed, 1) for flags, seed in runs}
-        results = {key: f.result() for key, f in futures.items()}
-        teacher_scores, data_scores = teacher.result()
-
-    lines = [f"Distillation: {args.steps} steps of batch 16 per run; scores at ω = 3 on 480 samples (8 per prompt). "
-             f"Accuracy = all three attributes right; FD = Fréchet distance in the classifier's features (lower is "
-             f"better). ± = std over training seeds.",
-             f"Fresh synthetic data: accuracy {data_scores['acc_all']:.3f}, FD {data_scores['fd']:.1f} (the floor "
-             f"at this sample size). Teacher DDIM 50 steps (100 UNet evaluations with CFG): accuracy "
-             f"{teacher_scores[50]['acc_all']:.3f}, FD {teacher_scores[50]['fd']:.1f}.", "",
-             "| method | seeds | acc 1 step | acc 2 steps | acc 4 steps | FD 1 step | FD 2 steps | FD 4 steps |",
-             "|---|---|---|---|---|---|---|---|",
-             table_row("teacher DDIM, same steps (2 UNet evaluations per step)", [teacher_scores])]
-    lines += [table_row(name, [results[flags, seed] for seed in seeds]) for name, flags, seeds in rows]
-    text = "\n".join(lines) + "\n"
+        (out / "teacher").mkdir(parents=True, exist_ok=True)
+        teacher = pool.submit(score, out / "teacher" / "scores.json", ["--teacher-steps", *map(str, TEACHER_STEPS)], 1)
+        futures = {(row.flags, seed): pool.submit(train_and_score, row, out / slug(row.flags) / f"seed-{seed}", seed, 1)
+                   for row, seed in order}
+        for key, future in futures.items():
+            runs[key] = future.result()
+            text = report(out, ROWS, args.seeds, teacher.result(), runs)
+            (out / "table.md").write_text(text)  # rewritten as each run finishes
     print(text)
-    (out / "table.md").write_text(text)
+    curves = {row.name: {point: [runs[row.flags, s][point] for s in args.seeds if (row.flags, s) in runs]
+                         for point in row.points} for row in ROWS if row.every_seed}
+    plot_tradeoff(curves, out / "tradeoff.png")
     print(f"wall time {(time.time() - t0) / 60:.1f} min; runs and logs in {out}")
 
 

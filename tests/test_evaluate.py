@@ -1,11 +1,12 @@
-"""Toy metrics: the Fréchet distance is the textbook formula, and the shipped classifier (toy/classifier.safetensors,
-regenerate with `python evaluate.py train-classifier`) tells real synthetic images from noise and from images made
-for another prompt."""
+"""Toy metrics: the Fréchet distance is the textbook formula, coverage and density are Naeem et al.'s definitions, and
+the shipped classifier (toy/classifier.safetensors, regenerate with `python evaluate.py train-classifier`) tells real
+synthetic images from noise, from images made for another prompt and from mode-collapsed sets."""
 import json
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import evaluate
 import toy
@@ -21,7 +22,7 @@ def classifier():
 
 @pytest.fixture(scope="module")
 def prompts():
-    return [p for p in toy.all_prompts() for _ in range(4)]  # 240: every prompt 4 times
+    return toy.all_prompts()  # 480: every prompt once, evaluate.py's default
 
 
 # ---- Fréchet distance -------------------------------------------------------------------------------------------
@@ -61,42 +62,91 @@ def test_frechet_distance_needs_two_samples():
         evaluate.frechet_distance_from_features(torch.zeros(1, 3), torch.zeros(5, 3))
 
 
-# ---- the metrics on real, noise and wrong-prompt images ----------------------------------------------------------
+# ---- coverage and density ----------------------------------------------------------------------------------------
+
+def _coverage_density_reference(real: torch.Tensor, fake: torch.Tensor, k: int) -> tuple[float, float]:
+    """Naeem et al. 2020, eqs. 3-4, written as loops over samples."""
+    radii = []
+    for i in range(len(real)):
+        others = sorted(float((real[i] - real[j]).norm()) for j in range(len(real)) if j != i)
+        radii.append(others[k - 1])
+    balls = [[float((real[i] - f).norm()) <= radii[i] for f in fake] for i in range(len(real))]
+    coverage = sum(any(row) for row in balls) / len(real)
+    density = sum(sum(row) for row in balls) / (k * len(fake))
+    return coverage, density
+
+
+def test_coverage_and_density_match_the_definitions():
+    g = torch.Generator().manual_seed(0)
+    real, fake = torch.randn(60, 4, generator=g), torch.randn(50, 4, generator=g) * 0.7 + 0.3
+    for k in (1, 3, 5):
+        ours = evaluate.coverage_density(real, fake, k)
+        assert ours == pytest.approx(_coverage_density_reference(real, fake, k), rel=1e-12)
+
+
+def test_coverage_falls_when_modes_are_dropped_and_density_rises_when_samples_crowd():
+    g = torch.Generator().manual_seed(1)
+    modes = torch.randn(8, 16, generator=g) * 10                                   # 8 well-separated modes
+    draw = lambda idx: modes[idx] + torch.randn(len(idx), 16, generator=g)         # noqa: E731
+    real = draw(torch.arange(800) % 8)
+    coverage, density = evaluate.coverage_density(real, draw(torch.arange(800) % 8))
+    collapsed = evaluate.coverage_density(real, draw(torch.arange(800) % 2))       # only 2 of the 8 modes
+    assert coverage > 0.9 and 0.8 < density < 1.2
+    assert collapsed[0] < 0.3 < coverage and collapsed[1] > density               # crowding 2 modes: denser
+    with pytest.raises(ValueError, match="more than k = 5 real"):
+        evaluate.coverage_density(real[:5], real)
+
+
+# ---- the metrics on real, noise, wrong-prompt and collapsed images ----------------------------------------------------------
 
 def test_real_images_score_high_and_noise_scores_low(classifier, prompts):
     real = evaluate.reference_images(prompts, len(prompts), seed=7)  # other draws than evaluate's reference seed
     real_scores = evaluate.evaluate_samples(real, prompts, classifier=classifier)
-    assert min(real_scores[k] for k in ("acc_shape", "acc_colour", "acc_position", "acc_all")) >= 0.97
+    assert min(real_scores[f"acc_{a}"] for a in (*toy.ATTRIBUTES, "all")) >= 0.97
 
     noise = torch.randn(real.shape, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
     noise_scores = evaluate.evaluate_samples(noise, prompts, classifier=classifier)
-    assert noise_scores["acc_all"] < 0.1  # chance is 1/60
-    for attribute, classes in (("shape", 3), ("colour", 4), ("position", 5)):
-        assert noise_scores[f"acc_{attribute}"] < 1.5 / classes  # about chance, far from real images
+    assert noise_scores["acc_all"] < 0.15  # most prompts name 2 or more attributes: chance is low
+    for attribute, values in zip(toy.ATTRIBUTES, toy.VALUES):
+        assert noise_scores[f"acc_{attribute}"] < 1.5 / len(values)  # about chance, far from real images
     assert noise_scores["fd"] > 20 * real_scores["fd"]
 
 
 def test_images_of_another_prompt_score_low_accuracy(classifier, prompts):
-    """Images made for prompt A, scored against a prompt B that differs in every attribute."""
+    """Images made for prompt A, scored against a prompt B that differs in every attribute A names."""
+    generator = torch.Generator().manual_seed(8)
     labels = toy.prompts_to_labels(prompts)
-    images = toy.render(labels, torch.Generator().manual_seed(8))
-    other = toy.labels_to_prompts((labels + 1) % torch.tensor([3, 4, 5]))
+    images = toy.render(toy.fill_open(labels, generator), generator)
+    shifted = (labels + 1) % torch.tensor([len(v) for v in toy.VALUES])
+    other = toy.labels_to_prompts(torch.where(labels == toy.OPEN, labels, shifted))
     right = evaluate.prompt_accuracy(images, prompts, classifier)
     wrong = evaluate.prompt_accuracy(images, other, classifier)
     assert right["acc_all"] >= 0.97
-    assert max(wrong.values()) < 0.05
+    assert max(wrong.values()) < 0.05  # "a shape", which names nothing, is 1 of the 480
 
 
-def test_fd_sees_lost_diversity_and_blur(classifier, prompts):
-    """FD, unlike accuracy, notices a model that always draws the same picture per prompt, or blurry ones."""
-    real = evaluate.reference_images(prompts, len(prompts), seed=7)
-    fd_real = evaluate.frechet_distance(real, evaluate.reference_images(prompts, len(prompts)), classifier)
-    collapsed = real.view(60, 4, 3, 32, 32)[:, :1].expand(60, 4, 3, 32, 32).reshape(real.shape)
-    blurred = torch.nn.functional.avg_pool2d(real, 3, stride=1, padding=1)
-    for worse in (collapsed, blurred):
-        assert evaluate.prompt_accuracy(worse, prompts, classifier)["acc_all"] >= 0.95
-        assert evaluate.frechet_distance(worse, evaluate.reference_images(prompts, len(prompts)), classifier) > \
-            2 * fd_real
+def test_fd_and_coverage_see_lost_diversity_and_blur(classifier):
+    """On the open captions where evaluate.py measures coverage ("a shape", "a red shape", ...: OPEN_SAMPLES each),
+    FD and coverage, unlike accuracy, notice a model that fills the attributes a caption leaves open always the same
+    way (fully: a red plain circle on the left for "a shape"; or with 2 values each) or that draws blurry pictures
+    (which here also wipes out the patterns); density stays ≈ 1 for real images."""
+    prompts = [p for p in evaluate.OPEN_PROMPTS for _ in range(evaluate.OPEN_SAMPLES)]
+    generator = torch.Generator().manual_seed(7)
+    labels = toy.prompts_to_labels(prompts)
+    real = toy.render(toy.fill_open(labels, generator), generator)
+    halved = torch.where(labels == toy.OPEN, toy.fill_open(labels, generator) % 2, labels)
+    sets = {"real": real, "collapsed": toy.render(labels.clamp(min=0), generator),  # OPEN -> the first value
+            "halved": toy.render(halved, generator), "blurred": F.avg_pool2d(real, 3, stride=1, padding=1),
+            "noise": torch.randn(real.shape, generator=generator).clamp(-1, 1)}
+    scores = {name: evaluate.evaluate_samples(images, prompts, classifier=classifier) for name, images in sets.items()}
+    print({name: (round(s["fd"], 1), round(s["coverage"], 3), round(s["density"], 3)) for name, s in scores.items()})
+    assert scores["real"]["coverage"] > 0.9 and 0.8 < scores["real"]["density"] < 1.2
+    for name in ("collapsed", "halved"):  # every named attribute is right: only diversity is lost
+        assert scores[name]["acc_all"] >= 0.97
+    assert scores["collapsed"]["coverage"] < scores["halved"]["coverage"] < scores["real"]["coverage"] - 0.2
+    for worse in ("collapsed", "halved", "blurred", "noise"):
+        assert scores[worse]["fd"] > 5 * scores["real"]["fd"], scores
+        assert scores[worse]["coverage"] < scores["real"]["coverage"] - 0.2, scores
 
 
 def test_bad_inputs_are_rejected_clearly(classifier, tmp_path):
@@ -124,20 +174,41 @@ def test_train_save_load_round_trip(tmp_path):
 
 
 def test_command_line_scores_the_shipped_models(tmp_path, capsys):
-    """The commands the README table comes from, at their smallest: the data row, a 2-step teacher row and a 1-step
+    """The commands the README tables come from, at their smallest: the data row, a 1-step teacher row and a 1-step
     student row, printed and written as JSON; toy_table.py reads that JSON back into its table."""
-    for who, flags in {"teacher": ["--teacher-steps", "2"], "student": ["--student", "toy/student", "--steps", "1"]}.items():
-        (tmp_path / who).mkdir()
-        evaluate.main([*flags, "--n-per-prompt", "1", "--json", str(tmp_path / who / "scores.json")])
+    for who, flags in {"teacher": ["--teacher-steps", "1"], "student": ["--student", "toy/student", "--steps", "1"]}.items():
+        evaluate.main([*flags, "--json", str(tmp_path / f"{who}.json")])
     out = capsys.readouterr().out
-    rows = json.loads((tmp_path / "student" / "scores.json").read_text())
+    rows = json.loads((tmp_path / "student.json").read_text())
     assert [row["steps"] for row in rows] == [None, 1]  # toy_table reads the step count, not the row's label
-    assert "| data (fresh synthetic)" in out and "| teacher ddim 2 steps" in out and "| student 1 step(s)" in out
-    teacher, data = toy_table.score_teacher(tmp_path / "teacher", threads=1)  # reads the JSON, runs nothing
-    student = toy_table.train_and_score(tmp_path / "student", "", steps=1, seed=0, threads=1)
-    assert data["acc_all"] == 1.0 and set(teacher) == {2} and set(student) == {1}
-    for scores in (teacher[2], student[1]):
-        assert set(scores) == {"acc_shape", "acc_colour", "acc_position", "acc_all", "fd"}
+    assert "| data (fresh synthetic)" in out and "| teacher ddim 1 steps" in out and "| student 1 step(s)" in out
+    teacher, data = toy_table.score(tmp_path / "teacher.json", ["--never-run"], threads=1)  # reads the JSON
+    student, _ = toy_table.score(tmp_path / "student.json", ["--never-run"], threads=1)
+    assert data["acc_all"] >= 0.99 and set(teacher) == {1} and set(student) == {1}
+    for scores in (teacher[1], student[1]):
+        assert set(scores) == {*(f"acc_{a}" for a in (*toy.ATTRIBUTES, "all")), "fd", "coverage", "density"}
         assert 0 <= scores["acc_all"] <= 1 and scores["fd"] > data["fd"]
     row = toy_table.table_row("x", [{n: student[1] for n in toy_table.STUDENT_STEPS}] * 2)
-    assert row.startswith("| x | 2 | ") and row.count(" ± 0.0") == 6
+    assert row.startswith("| x | 2 | ") and row.count(" ± 0.0") == 9
+
+
+@pytest.mark.slow
+def test_the_study_trains_in_stages_and_scores_each_point(tmp_path, monkeypatch):
+    """toy_table.py's run of one row, shrunk (a budget of 2 steps at h = 3, so 6 at h = 1, scored at 2 steps, the
+    equal-optimiser-steps point, and at 6): train.py stops at each point with a checkpoint, evaluate.py scores it,
+    the next stage resumes; a second call finds everything done and runs nothing; the report has the row in both
+    tables, with the teacher-evaluation count of the budget."""
+    monkeypatch.setattr(toy_table, "BUDGET_STEPS", 2)
+    monkeypatch.setattr(toy_table, "POINTS", 1)
+    monkeypatch.setattr(toy_table, "STUDENT_STEPS", (1,))  # one sampling step keeps the scoring quick
+    row = toy_table.Row("CD", "--eta 0 --substeps 1 --adv-weight 0 --log-every 1", substeps=1, every_seed=True)
+    assert (row.steps, row.points) == (6, [2, 6])
+    curve = toy_table.train_and_score(row, tmp_path / "run", seed=0, threads=1)
+    assert set(curve) == {2, 6} and all(set(c) == {1} for c in curve.values())
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "step" in r and "loss_cd" in r] == [1, 2, 3, 4, 5, 6]
+    monkeypatch.setattr(toy_table, "run", lambda *a: pytest.fail("a finished run was started again"))
+    assert toy_table.train_and_score(row, tmp_path / "run", seed=0, threads=1) == curve
+    teacher = ({1: curve[2][1]}, curve[2][1])
+    text = toy_table.report(tmp_path, [row], [0], teacher, {(row.flags, 0): curve})
+    assert text.count("| CD | 1 |") == 2 and "Equal teacher budget (0.2K teacher UNet evaluations" in text

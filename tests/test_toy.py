@@ -17,16 +17,19 @@ SHIPPED = Path(__file__).resolve().parent.parent / "toy"
 
 def test_every_prompt_round_trips_and_prompts_are_distinct():
     prompts = toy.all_prompts()
-    assert len(prompts) == len(set(prompts)) == len(toy.SHAPES) * len(toy.COLOURS) * len(toy.POSITIONS)
+    assert len(prompts) == len(set(prompts)) == 4 * 5 * 4 * 6  # each attribute named (3, 4, 3, 5 ways) or open
     for p in prompts:
         assert toy.make_prompt(*toy.parse_prompt(p)) == p
-    assert toy.parse_prompt("A Red Circle on the LEFT") == ("circle", "red", "left")
+    assert toy.parse_prompt("A Red Circle on the LEFT") == ("circle", "red", None, "left")
+    assert toy.parse_prompt("a dotted shape") == (None, None, "dotted", None)
+    assert toy.parse_prompt("a striped blue triangle at the top") == ("triangle", "blue", "striped", "top")
     labels = toy.prompts_to_labels(prompts)
     assert toy.labels_to_prompts(labels) == prompts
+    assert labels[prompts.index("a shape")].tolist() == [toy.OPEN] * 4
 
 
-@pytest.mark.parametrize("bad", ["a purple circle on the left", "a red hexagon on the left", "a red circle",
-                                 "red circle on the left", "a red circle on the middle", ""])
+@pytest.mark.parametrize("bad", ["a purple circle on the left", "a red hexagon on the left", "a red striped circle",
+                                 "red circle on the left", "a red circle on the middle", "a red", "a", ""])
 def test_parse_prompt_rejects_non_toy_captions_with_a_helpful_message(bad):
     with pytest.raises(ValueError, match="not a toy-world caption.*e.g. 'a red circle on the left'"):
         toy.parse_prompt(bad)
@@ -67,15 +70,34 @@ def test_images_show_the_colour_and_position_of_their_caption():
     coords = torch.arange(32) + 0.5
     x = (mask.sum(1) * coords).sum(1) / mask.sum((1, 2)) / 32  # (B,) centroid, fraction of the width
     y = (mask.sum(2) * coords).sum(1) / mask.sum((1, 2)) / 32
-    for i, caption in enumerate(batch["caption"]):
-        shape, name, position = toy.parse_prompt(caption)
+    for i, (_, colour_index, _, position_index) in enumerate(batch["labels"].tolist()):
+        name, position = toy.COLOURS[colour_index], toy.POSITIONS[position_index]
         r, g, b = colour[i].tolist()
         assert {"red": r > 2 * g and r > 2 * b, "green": g > 1.5 * r and g > 1.5 * b,
-                "blue": b > 1.5 * r and b > 1.5 * g, "yellow": r > 2 * b and g > 2 * b}[name], (caption, colour[i])
+                "blue": b > 1.5 * r and b > 1.5 * g, "yellow": r > 2 * b and g > 2 * b}[name], (name, colour[i])
         assert {"left": x[i] < 0.4, "right": x[i] > 0.6, "top": y[i] < 0.4, "bottom": y[i] > 0.6,
-                "centre": 0.4 < x[i] < 0.6 and 0.4 < y[i] < 0.6}[position], (caption, x[i], y[i])
-    # Labels, captions and images come from one draw: the labels are the captions' attributes.
-    assert torch.equal(batch["labels"], toy.prompts_to_labels(batch["caption"]))
+                "centre": 0.4 < x[i] < 0.6 and 0.4 < y[i] < 0.6}[position], (position, x[i], y[i])
+    # Labels, captions and images come from one draw: what a caption names is what the image shows, and each
+    # attribute is named about NAMED_PROBABILITY of the time.
+    asked = toy.prompts_to_labels(batch["caption"])
+    named = asked != toy.OPEN
+    assert torch.equal(asked[named], batch["labels"][named])
+    assert abs(named.float().mean().item() - toy.NAMED_PROBABILITY) < 0.05
+
+
+def test_patterns_are_there_with_a_random_phase():
+    """Inside the shape, a plain fill is flat, stripes and dots are not; the same labels with another generator
+    state give the pattern at another phase and angle (the detail a few-step sampler cannot average)."""
+    labels = torch.tensor([[1, 0, pattern, 4] for pattern in range(3) for _ in range(16)])  # red squares, centre
+    images = toy.render(labels, torch.Generator().manual_seed(0), size=64)
+    core = images[:, :, 28:36, 28:36]                          # inside every square at 64 px (half-side ≥ 8.5 px)
+    spread = core.flatten(2).std(dim=2).amax(dim=1).view(3, 16)  # spatial std, plain / striped / dotted
+    assert bool((spread[0] < 0.03).all()) and bool((spread[1:] > 0.1).all()), spread
+    again = toy.render(labels, torch.Generator().manual_seed(1), size=64)[:, :, 28:36, 28:36]
+    assert (again[16:] - core[16:]).abs().mean() > 0.1         # other phases: other pixels
+    assert toy.fill_open(labels, torch.Generator()).equal(labels)
+    opened = toy.fill_open(torch.full((600, 4), toy.OPEN), torch.Generator().manual_seed(0))
+    assert [sorted(set(opened[:, i].tolist())) for i in range(4)] == [list(range(len(v))) for v in toy.VALUES]
 
 
 def test_shapes_are_told_apart_by_how_far_they_reach_for_their_area():
@@ -84,20 +106,15 @@ def test_shapes_are_told_apart_by_how_far_they_reach_for_their_area():
     centres = torch.arange(64) + 0.5  # drawn at 64×64: small shapes at 32×32 are too few pixels to tell apart
     y, x = torch.meshgrid(centres, centres, indexing="ij")
     reach = {}
-    for shape in toy.SHAPES:
-        images = toy.make_images([shape] * 32, ["red"] * 32, ["centre"] * 32, torch.Generator().manual_seed(4),
-                                 size=64)
+    for i, shape in enumerate(toy.SHAPES):
+        labels = torch.tensor([[i, 0, 0, 4]] * 32)  # plain red, centre
+        images = toy.render(labels, torch.Generator().manual_seed(4), size=64)
         mask = _foreground(images)[0].float()                                   # (32, 64, 64)
         area = mask.sum((1, 2))
         cx, cy = (mask * x).sum((1, 2)) / area, (mask * y).sum((1, 2)) / area
         distance = ((x - cx[:, None, None]) ** 2 + (y - cy[:, None, None]) ** 2).sqrt()
         reach[shape] = (distance * mask).amax((1, 2)) / area.sqrt()
     assert bool((reach["circle"] < reach["square"]).all()) and bool((reach["square"] < reach["triangle"]).all())
-
-
-def test_make_images_checks_lengths():
-    with pytest.raises(ValueError, match="same length"):
-        toy.make_images(["circle"], ["red", "blue"], ["left"], torch.Generator())
 
 
 # ---- loader -------------------------------------------------------------------------------------------------------
@@ -147,10 +164,11 @@ def test_text_encoder_gives_every_caption_distinct_features_and_is_reproducible(
     tokenizer = toy.build_tokenizer()
     from sd15 import encode_prompts
     prompts = toy.all_prompts() + [""]
-    features = encode_prompts(tokenizer, toy.build_text_encoder(32, seed=0), prompts)  # (61, 16, 32)
-    assert features.shape == (61, toy.CONTEXT_LENGTH, 32)
+    n = len(prompts)
+    features = encode_prompts(tokenizer, toy.build_text_encoder(32, seed=0), prompts)  # (481, 16, 32)
+    assert features.shape == (n, toy.CONTEXT_LENGTH, 32)
     flat = features.flatten(1)
-    distances = torch.cdist(flat, flat) + torch.eye(61) * 1e9
+    distances = torch.cdist(flat, flat) + torch.eye(n) * 1e9
     assert distances.min() > 1.0  # no two captions (nor the empty prompt) look alike to the UNet
     again = encode_prompts(tokenizer, toy.build_text_encoder(32, seed=0), prompts)
     assert torch.equal(features, again)
@@ -224,3 +242,30 @@ def test_shipped_student_follows_prompts_in_two_steps():
     scores = next(row["scores"] for row in rows if row["steps"] == 2)
     assert scores["acc_colour"] >= 0.95 and scores["acc_position"] >= 0.95
     assert scores["acc_all"] >= 0.85 and scores["fd"] <= 100
+
+
+def test_teacher_training_resumes_exactly_from_its_state_file(tmp_path, monkeypatch):
+    """An interrupted `toy.py train-teacher` continues from its last save as if never stopped: weights, EMA,
+    optimiser, random generator and data position are all in the state file; other settings are refused."""
+    cfg = toy.TeacherConfig(steps=4, batch_size=2, warmup=1, save_every=2, log_every=1)
+    toy.train_teacher(cfg, tmp_path / "straight", tmp_path / "straight.pt")
+
+    write = toy.write_toy_folder
+    def crash_at_the_second_save(out, *args):
+        if (out / "unet").exists():
+            raise KeyboardInterrupt  # killed at step 4, after the step-2 save
+        write(out, *args)
+    monkeypatch.setattr(toy, "write_toy_folder", crash_at_the_second_save)
+    with pytest.raises(KeyboardInterrupt):
+        toy.train_teacher(cfg, tmp_path / "split", tmp_path / "split.pt")
+    monkeypatch.setattr(toy, "write_toy_folder", write)
+    assert torch.load(tmp_path / "split.pt", weights_only=True)["step"] == 2
+    toy.train_teacher(cfg, tmp_path / "split", tmp_path / "split.pt")
+
+    a, b = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in ("straight", "split"))
+    assert a["step"] == b["step"] == 4
+    for part in ("unet", "ema"):
+        assert all(torch.equal(v, b[part][k]) for k, v in a[part].items()), part
+    with pytest.raises(ValueError, match="other settings"):
+        toy.train_teacher(toy.TeacherConfig(steps=6, batch_size=2, warmup=1, save_every=2), tmp_path / "split",
+                          tmp_path / "split.pt")
