@@ -8,7 +8,9 @@ The data is a known mixture of 8 Gaussians in two classes. Under SD1.5's own VP 
 Gaussian, N(√ᾱ μ_k, ᾱ Σ_k + (1 − ᾱ) I), so the teacher's ε(x_t, t, c) = −√(1 − ᾱ) ∇ log p_t(x_t | c) is closed-form:
 no teacher error, only the solver's and the student's. A small MLP student (ε-prediction, ω-conditioned like an
 LCM UNet, initialised by regressing the conditional ε, as LCM initialises its student from the teacher) is then
-distilled with the same `scott_loss` the SD1.5 trainer uses: vanilla CD (η = 0, h = 1) and SCott (η > 0, h sub-steps).
+distilled with the same `scott_loss` the SD1.5 trainer uses: vanilla CD (η = 0, h = 1) and SCott (η > 0, h sub-steps),
+each also with the SD trainer's adversarial term (a conditional MLP critic D(x0, c), hinge losses, fixed or VQGAN's
+adaptive λ).
 Samples after 1, 2 and 4 consistency steps are scored by sliced Wasserstein distance to a reference:
 the exact mixture at ω = 1, the teacher's 50-step DDIM at ω = 2 (CFG has no closed-form target).
 """
@@ -23,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from consistency import ConsistencyConfig, consistency_timesteps, ema_update, sample_consistency, scott_loss
+from discriminator import d_hinge_loss, g_hinge_loss
 from sde_solver import NoiseSchedule, generator_noise, sample_teacher, teacher_timesteps
 from unet import guidance_embedding, sinusoidal_embedding
 
@@ -130,6 +133,65 @@ class MLPStudent(nn.Module):
         return self.net(h).to(x.dtype)
 
 
+# ---- the adversarial term: a conditional MLP critic, as train.py uses discriminator.py's --------------------------
+
+class MLPDiscriminator(nn.Module):
+    """D(x0, c) -> one logit per sample: the 2-D stand-in for discriminator.py's LoRA-UNet critic. Conditional like
+    it (it sees the class one-hot as the SD critic sees the text) and scoring clean samples at t = 0 (the SD
+    trainer's default; no --renoise here)."""
+
+    def __init__(self, n_classes: int, dim: int = 2, hidden: int = 128, depth: int = 3):
+        super().__init__()
+        layers, width = [], dim + n_classes
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden), nn.SiLU()]
+            width = hidden
+        self.net = nn.Sequential(*layers, nn.Linear(width, 1))
+
+    def forward(self, x0, cond):
+        return self.net(torch.cat([x0.float(), cond.float()], dim=1)).squeeze(1)
+
+
+@dataclass
+class AdversarialConfig:
+    weight: float            # λ: fixed, or the base of the adaptive weight
+    adaptive: bool = False   # λ_eff = λ · ‖∇_{w_L} L_cd‖ / ‖∇_{w_L} L_adv‖ (VQGAN) instead of λ
+    d_lr: float = 7.5e-4     # 2.5 × the student's lr, the paper's D/student ratio (2e-5 / 8e-6)
+    d_hidden: int = 128
+
+
+def adaptive_weight(loss_cd: torch.Tensor, loss_g: torch.Tensor, last_layer: torch.Tensor, weight: float):
+    """VQGAN's adaptive weight (Esser et al. 2021, eq. 7), the same formula as the SD trainer's adaptive λ, taken at
+    the student's last linear layer w_L and detached:
+        λ_eff = λ · clamp(‖∇_{w_L} L_cd‖ / (‖∇_{w_L} L_adv‖ + 1e-4), 0, 1e4)
+    (clamped before the multiplication by λ, as in VQGAN's code)."""
+    grad_cd = torch.autograd.grad(loss_cd, last_layer, retain_graph=True)[0]
+    grad_g = torch.autograd.grad(loss_g, last_layer, retain_graph=True)[0]
+    return weight * (grad_cd.norm() / (grad_g.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+
+
+def student_objective(student, disc, res, cond, adv: AdversarialConfig | None):
+    """train.student_backward's loss for one batch: L_cd + λ_adv · g_hinge(D(x̂0, c)), D frozen as a fixed critic
+    (its gradients are off, the student's x̂0 keeps its graph). Returns (loss, λ_eff; 0 without D)."""
+    if adv is None:
+        return res.loss, torch.zeros(())
+    disc.requires_grad_(False)
+    loss_g = g_hinge_loss(disc(res.x_student, cond))
+    disc.requires_grad_(True)
+    weight = (adaptive_weight(res.loss, loss_g, student.net[-1].weight, adv.weight) if adv.adaptive
+              else torch.tensor(adv.weight))
+    return res.loss + weight * loss_g, weight
+
+
+def discriminator_step(disc, d_opt, x_real, x_fake, cond) -> float:
+    """train.discriminator_backward + D's optimiser step: hinge loss on real x0 vs the (detached) fake."""
+    loss = d_hinge_loss(disc(x_real, cond), disc(x_fake.detach(), cond))
+    d_opt.zero_grad(set_to_none=True)
+    loss.backward()
+    d_opt.step()
+    return loss.item()
+
+
 # ---- the experiment --------------------------------------------------------------------------------------------
 
 @dataclass
@@ -149,16 +211,27 @@ class ExperimentConfig:
     n_projections: int = 256
     etas: tuple = (0.1, 0.3, 0.6, 1.0)
     substeps: tuple = (1, 2, 3)
+    adv_etas: tuple = (0.1, 0.3, 0.6)  # the SCott η that also get the adversarial term (with h = max(substeps))
+    adv_weight: float = 0.005      # fixed λ_adv: 0.4 × ‖∇_{w_L} L_cd‖ / ‖∇_{w_L} L_adv‖ ≈ 0.4 × 0.013, the ratio
+                                   # measured once D has learned (L_cd is an MSE of 2-D points, ≈ 1e-3 here)
+    adv_adaptive: float = 0.4      # λ of the adaptive weight: the paper's λ_adv, as a ratio of last-layer gradients
     workers: int = 2               # processes (one thread each); tiny MLPs scale better this way than with threads
 
 
 def methods(cfg: ExperimentConfig):
-    """(row name, η, h): vanilla CD, CD with h ODE sub-steps (separates the effect of h from that of noise), SCott."""
+    """(row name, η, h, AdversarialConfig or None): vanilla CD, CD with h ODE sub-steps (separates the effect of h
+    from that of noise), SCott; then CD and SCott (η in adv_etas, h = max) + adversarial, fixed and adaptive λ."""
     h_max = max(cfg.substeps)
-    rows = [("CD (η=0, h=1)", 0.0, 1)]
+    rows = [("CD (η=0, h=1)", 0.0, 1, None)]
     if h_max > 1:
-        rows.append((f"CD with ODE sub-steps (η=0, h={h_max})", 0.0, h_max))
-    return rows + [(f"SCott η={eta:g}, h={h}", eta, h) for eta in cfg.etas for h in cfg.substeps]
+        rows.append((f"CD with ODE sub-steps (η=0, h={h_max})", 0.0, h_max, None))
+    rows += [(f"SCott η={eta:g}, h={h}", eta, h, None) for eta in cfg.etas for h in cfg.substeps]
+    variants = [(f"fixed λ={cfg.adv_weight:g}", AdversarialConfig(cfg.adv_weight))] if cfg.adv_weight > 0 else []
+    if cfg.adv_adaptive > 0:
+        variants.append((f"adaptive λ={cfg.adv_adaptive:g}", AdversarialConfig(cfg.adv_adaptive, adaptive=True)))
+    settings = [("CD", 0.0, 1)] + [("SCott", eta, h_max) for eta in cfg.adv_etas]
+    return rows + [(f"{kind} + adversarial, {label} (η={eta:g}, h={h})", eta, h, adv)
+                   for kind, eta, h in settings for label, adv in variants]
 
 
 def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, n_projections: int, generator: torch.Generator) -> float:
@@ -196,20 +269,30 @@ def pretrain(student, mixture, schedule, cfg: ExperimentConfig, generator) -> fl
     return loss.item()
 
 
-def distill(init, mixture, schedule, consistency: ConsistencyConfig, cfg: ExperimentConfig, generator):
-    """CD / SCott from the pretrained student with the trainer's own `scott_loss` and EMA target."""
+def distill(init, mixture, schedule, consistency: ConsistencyConfig, cfg: ExperimentConfig, generator,
+            adv: AdversarialConfig | None = None, log_weights: list | None = None):
+    """CD / SCott from the pretrained student with the trainer's own `scott_loss` and EMA target; with `adv`, in
+    train.train_step's order: the student's step on L_cd + λ_adv L_adv, D's hinge step on real x0 vs the detached
+    x̂0, then the EMA update. `log_weights` collects λ_eff per step."""
     student, target = copy.deepcopy(init), copy.deepcopy(init).requires_grad_(False)
     teacher = mixture.teacher(schedule)
     uncond = torch.zeros(1, mixture.n_classes, dtype=torch.float64)
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr_distill)
     lr_decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.distill_steps)
+    disc = MLPDiscriminator(mixture.n_classes, hidden=adv.d_hidden) if adv else None
+    d_opt = torch.optim.Adam(disc.parameters(), lr=adv.d_lr, betas=(0.0, 0.999)) if adv else None  # β1 = 0: train.py
     for _ in range(cfg.distill_steps):
         x0, cond = training_batch(mixture, cfg.batch, generator)
         res = scott_loss(student, target, teacher, x0.float(), cond, uncond, schedule, consistency, generator)
+        loss, weight = student_objective(student, disc, res, cond, adv)
         opt.zero_grad(set_to_none=True)
-        res.loss.backward()
+        loss.backward()
         opt.step()
         lr_decay.step()
+        if adv:
+            discriminator_step(disc, d_opt, x0.float(), res.x_student, cond)
+        if log_weights is not None:
+            log_weights.append(float(weight))
         ema_update(target, student, consistency.ema_decay)
     return student
 
@@ -265,13 +348,15 @@ def pretrain_job(cfg: ExperimentConfig, seed: int) -> tuple:
     return init.state_dict(), loss
 
 
-def method_job(cfg: ExperimentConfig, seed: int, init_state: dict, eta: float, substeps: int) -> dict:
-    """Distil one (η, h) configuration from the seed's pretrained student and score its 1/2/4-step samples."""
+def method_job(cfg: ExperimentConfig, seed: int, init_state: dict, eta: float, substeps: int,
+               adv: AdversarialConfig | None = None) -> dict:
+    """Distil one (η, h, adversarial) configuration from the seed's pretrained student and score its 1/2/4-step
+    samples."""
     mixture, schedule = GaussianMixture.ring(), NoiseSchedule.sd15()
     init = MLPStudent(mixture.n_classes, hidden=cfg.hidden)
     init.load_state_dict(init_state)
     consistency = ConsistencyConfig(eta=eta, substeps=substeps, w_min=cfg.w_min, w_max=cfg.w_max)
-    student = distill(init, mixture, schedule, consistency, cfg, torch.Generator().manual_seed(1000 + seed))
+    student = distill(init, mixture, schedule, consistency, cfg, torch.Generator().manual_seed(1000 + seed), adv)
     return evaluate(lambda noise, cond, w, steps, g: sample_consistency(student, noise, cond, w,
                                                                         consistency_timesteps(steps), schedule,
                                                                         generator_noise(g)),
@@ -291,7 +376,8 @@ def run(cfg: ExperimentConfig, log=print) -> dict:
         for seed, future in enumerate(inits):
             state, loss = future.result()
             log(f"seed {seed}: pretrained ε-MLP, last-batch ε-MSE {loss:.4f} ({time.time() - tick:.0f}s)")
-            jobs += [(name, seed, submit(method_job, cfg, seed, state, eta, h)) for name, eta, h in methods(cfg)]
+            jobs += [(name, seed, submit(method_job, cfg, seed, state, eta, h, adv))
+                     for name, eta, h, adv in methods(cfg)]
         results = {}
         for future in baselines:
             for name, scores in future.result().items():
@@ -336,16 +422,20 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=ExperimentConfig.seeds)
     p.add_argument("--distill-steps", type=int, default=ExperimentConfig.distill_steps)
     p.add_argument("--pretrain-steps", type=int, default=ExperimentConfig.pretrain_steps)
-    p.add_argument("--quick", action="store_true", help="1 seed, 300 steps, η ∈ {0.3, 1}, h ∈ {1, 3}: a smoke run")
+    p.add_argument("--quick", action="store_true",
+                   help="1 seed, 300 steps, η ∈ {0.3, 1}, h ∈ {1, 3}, adversarial SCott at η = 0.3: a smoke run")
+    p.add_argument("--adv-weight", type=float, default=ExperimentConfig.adv_weight, help="fixed λ_adv (0: no rows)")
+    p.add_argument("--adv-adaptive", type=float, default=ExperimentConfig.adv_adaptive,
+                   help="λ of the adaptive weight (0: no rows)")
     p.add_argument("--workers", type=int, default=ExperimentConfig.workers, help="processes, one CPU thread each")
     p.add_argument("--out", default="", help="also write the markdown table to this file")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     cfg = ExperimentConfig(seeds=args.seeds, distill_steps=args.distill_steps, pretrain_steps=args.pretrain_steps,
-                           workers=args.workers)
+                           workers=args.workers, adv_weight=args.adv_weight, adv_adaptive=args.adv_adaptive)
     if args.quick:
         cfg = replace(cfg, seeds=1, pretrain_steps=500, distill_steps=300, n_eval=2000, etas=(0.3, 1.0),
-                      substeps=(1, 3))
+                      substeps=(1, 3), adv_etas=(0.3,))
     tick = time.time()
     results = run(cfg)
     table = markdown_table(results, cfg)
