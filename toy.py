@@ -214,8 +214,9 @@ def make_toy_loader(batch_size: int, rank: int = 0, world_size: int = 1, start_b
 
 # What train.py changes when the model is the toy, unless the flag is given on the command line (printed at start-up
 # and shown in `train.py --help`). A 1.7M-parameter UNet learns faster than SD1.5's at the paper's learning rates,
-# and a rank-128 LoRA would be most of it. No adversarial term: on the toy it cost quality at 2 and 4 steps at every
-# weight tried (README, "The toy world"). Micro-batch 0 = the global batch split over the ranks, so a `torchrun` of
+# and a rank-128 LoRA would be most of it. No adversarial term: on the first toy world it cost quality at 2 and 4
+# steps at every weight tried (docs/toy-v1.md); the study on today's world (README, "The toy world") tests it again.
+# Micro-batch 0 = the global batch split over the ranks, so a `torchrun` of
 # any size works.
 TRAINING_OVERRIDES = dict(steps=400, global_batch=16, micro_batch=0, lr=1e-4, d_lr=1e-4, warmup=20, adv_weight=0.0,
                           ckpt_every=200, sample_every=200, log_every=20, resolution=32, lora_rank=4, lora_alpha=4.0,
