@@ -35,6 +35,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import coco
+import fid
 from checkpoint import atomic_write
 from sample import generate  # the project's sampler: teacher DDIM/DDPM + CFG, or a student's consistency steps
 from sd15 import TOY_FOLDER, load_sd15
@@ -177,46 +178,16 @@ def prompt_accuracy(images: torch.Tensor, prompts: list[str], classifier: ToyCla
     return scores
 
 
-def _sqrtm_psd(matrix: torch.Tensor) -> torch.Tensor:
-    """The symmetric square root of a symmetric positive semi-definite matrix, via its eigendecomposition."""
-    values, vectors = torch.linalg.eigh(matrix)
-    return (vectors * values.clamp(min=0).sqrt()) @ vectors.T
-
-
-def frechet_distance_from_features(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Fréchet distance between Gaussians fitted to two feature sets (N, F) and (M, F).
-
-    Tr((Σ₁Σ₂)^½) is computed as Tr((Σ₁^½ Σ₂ Σ₁^½)^½): the same eigenvalues, but of a symmetric PSD matrix, so two
-    `eigh` calls suffice (no scipy, no complex parts from a non-symmetric sqrtm)."""
-    if a.shape[0] < 2 or b.shape[0] < 2:
-        raise ValueError(f"a Fréchet distance needs at least 2 samples per set, got {a.shape[0]} and {b.shape[0]}.")
-    a, b = a.double(), b.double()
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
-    root_a = _sqrtm_psd(cov_a)
-    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()
-    return ((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross).item()
-
-
-def coverage_density(real: torch.Tensor, fake: torch.Tensor, k: int = COVERAGE_K) -> tuple[float, float]:
-    """Coverage and density of fake features (M, F) with respect to real ones (N, F) (Naeem et al. 2020, eqs. 3–4).
-    Each real feature's ball has the radius of its k-th nearest real neighbour (itself excluded):
-      coverage = (1/N) Σ_i 1[some fake lies in real ball i]            in [0, 1]
-      density  = (1/(kM)) Σ_j #{real balls holding fake j}             ≥ 0, ≈ 1 for fakes distributed like the reals"""
-    if real.shape[0] <= k or fake.shape[0] < 1:
-        raise ValueError(f"coverage needs more than k = {k} real and at least one fake sample, got {real.shape[0]} "
-                         f"and {fake.shape[0]}.")
-    real, fake = real.double(), fake.double()
-    radius = torch.cdist(real, real).kthvalue(k + 1, dim=1).values     # (N,): k-th neighbour; the 1st is itself
-    inside = torch.cdist(real, fake) <= radius[:, None]                # (N, M): fake j in real i's ball
-    return inside.any(dim=1).double().mean().item(), inside.sum().item() / (k * fake.shape[0])
-
-
 def frechet_distance(images: torch.Tensor, reference_images: torch.Tensor,
                      classifier: ToyClassifier | None = None) -> float:
     """Fréchet distance between two image sets (N, 3, 32, 32) in [-1, 1], in the classifier's penultimate features."""
     classifier = classifier or load_classifier()
-    return frechet_distance_from_features(_run(classifier, images)[0], _run(classifier, reference_images)[0])
+    return features_frechet(_run(classifier, images)[0], _run(classifier, reference_images)[0])
+
+
+def features_frechet(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets (N, F) and (M, F) (fid.py's, as for FID)."""
+    return fid.frechet_distance(fid.feature_stats(a), fid.feature_stats(b))
 
 
 def reference_images(prompts: list[str], n_reference: int, seed: int = REFERENCE_SEED,
@@ -236,9 +207,8 @@ def evaluate_samples(images: torch.Tensor, prompts: list[str], n_reference: int 
     classifier = classifier or load_classifier()
     reference = reference_images(prompts, n_reference or len(prompts), resolution=classifier.config.resolution)
     fake, real = _run(classifier, images)[0], _run(classifier, reference)[0]
-    coverage, density = coverage_density(real, fake)
-    return {**prompt_accuracy(images, prompts, classifier), "fd": frechet_distance_from_features(fake, real),
-            "coverage": coverage, "density": density}
+    return {**prompt_accuracy(images, prompts, classifier), "fd": features_frechet(fake, real),
+            **fid.density_coverage(real, fake, COVERAGE_K)}
 
 
 # ---- command line -----------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The toy-world study: distil the shipped toy teacher under each setting, score the students along training.
 
     python toy_table.py                                  # every run (hours on a 2-core CPU; resumable)
-    python toy_table.py --seeds 0 --jobs 2 --out runs/table   # one seed of every row
+    python toy_table.py --seeds 0 --jobs 2               # one seed of every row
 
 Each run is `python train.py --seed s <the row's flags>` (on top of the toy defaults: batch 16, lr 1e-4, ω ∈ [2, 6],
 k = 24) into OUT/<flags>/seed-s. Every run gets the same teacher budget, BUDGET_STEPS optimisation steps at h = 3
@@ -11,8 +11,11 @@ scores its student there at 1, 2 and 4 steps: accuracy, Fréchet distance (FD) a
 features (evaluate.py). The teacher is scored the same way with DDIM at 1, 2, 4 and 50 steps.
 
 Everything a run has done stays on disk (checkpoints, per-point scores), so an interrupted study continues where it
-stopped, and the tables and the plot are made from whatever is finished. Outputs: OUT/table.md and
-OUT/tradeoff.png (trade-off curves, 1-step FD against 2-step FD along training; needs matplotlib).
+stopped, and the tables and the plot are made from whatever is finished. The default OUT is in the repository:
+its scores, tables and plot are committed (its checkpoints and logs are ignored by git), so a study can span
+sessions and machines; a point whose scores are there is never recomputed, and a run whose checkpoints are gone
+restarts from its beginning (training is deterministic, so it retraces the same steps). Outputs: OUT/table.md
+and OUT/tradeoff.png (trade-off curves, 1-step FD against 2-step FD along training; needs matplotlib).
 """
 import argparse
 import json
@@ -163,13 +166,13 @@ def plot_tradeoff(curves: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def report(out: Path, rows: list, seeds: list[int], teacher: tuple, runs: dict) -> str:
+def report(rows: list, seeds: list[int], teacher: tuple, runs: dict) -> str:
     """The markdown: the teacher's rows, then every method at equal optimiser steps and at equal teacher budget,
     from the runs that have those points."""
     teacher_scores, data_scores = teacher
-    lines = [f"Scores at ω = 3 on 480 samples (one per toy prompt). acc = all named attributes right; FD = Fréchet "
-             f"distance in the classifier's features (lower is better); coverage (Naeem et al. 2020, k = 5; higher "
-             f"is better). ± = std over training seeds.",
+    lines = ["Scores at ω = 3. acc = every named attribute right and FD = Fréchet distance in the classifier's "
+             "features (lower is better), on 480 samples (one per toy caption); coverage (Naeem et al. 2020, k = 5; "
+             "higher is better) on the 16 open captions, 30 samples each. ± = std over training seeds.",
              f"Fresh synthetic data: acc {data_scores['acc_all']:.3f}, FD {data_scores['fd']:.1f}, coverage "
              f"{data_scores['coverage']:.3f} (the floor at this sample size).", "",
              "Teacher, DDIM with CFG (2 UNet evaluations per step):", "",
@@ -190,7 +193,7 @@ def report(out: Path, rows: list, seeds: list[int], teacher: tuple, runs: dict) 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="runs/table", help="runs, logs, table.md and tradeoff.png go here")
+    p.add_argument("--out", default="results/toy-study", help="runs, logs, table.md and tradeoff.png go here")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                    help="training seeds (the single-seed rows use the first)")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, each with 1 CPU thread")
@@ -206,7 +209,7 @@ def main(argv=None):
                    for row, seed in order}
         for key, future in futures.items():
             runs[key] = future.result()
-            text = report(out, ROWS, args.seeds, teacher.result(), runs)
+            text = report(ROWS, args.seeds, teacher.result(), runs)
             (out / "table.md").write_text(text)  # rewritten as each run finishes
     print(text)
     curves = {row.name: {point: [runs[row.flags, s][point] for s in args.seeds if (row.flags, s) in runs]

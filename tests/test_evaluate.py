@@ -3,12 +3,12 @@ the shipped classifier (toy/classifier.safetensors, regenerate with `python eval
 synthetic images from noise, from images made for another prompt and from mode-collapsed sets."""
 import json
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import evaluate
+import fid
 import toy
 import toy_table
 
@@ -25,63 +25,15 @@ def prompts():
     return toy.all_prompts()  # 480: every prompt once, evaluate.py's default
 
 
-# ---- Fréchet distance -------------------------------------------------------------------------------------------
+# ---- the feature metrics (fid.py's, tested against their definitions and oracles in tests/test_fid.py) ----------
 
-def _fd_reference(a: np.ndarray, b: np.ndarray) -> float:
-    """The textbook form, computed another way: Tr((Σ₁Σ₂)^½) as the sum of √ of the (real, non-negative)
-    eigenvalues of the non-symmetric product Σ₁Σ₂."""
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    eig = np.linalg.eigvals(cov_a @ cov_b).real.clip(min=0)
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.sqrt(eig).sum())
-
-
-def test_frechet_distance_matches_the_textbook_formula():
+def test_features_frechet_is_fids_and_needs_two_samples():
     g = torch.Generator().manual_seed(0)
-    a = torch.randn(500, 6, generator=g) @ torch.randn(6, 6, generator=g)
-    b = torch.randn(400, 6, generator=g) @ torch.randn(6, 6, generator=g) + 0.5
-    fd = evaluate.frechet_distance_from_features(a, b)
-    assert fd == pytest.approx(_fd_reference(a.double().numpy(), b.double().numpy()), rel=1e-8)
-    assert fd == pytest.approx(evaluate.frechet_distance_from_features(b, a), rel=1e-8)  # symmetric
-    assert evaluate.frechet_distance_from_features(a, a) == pytest.approx(0.0, abs=1e-8)
-    # A pure shift of one set by d adds exactly |d|² (the covariances are unchanged).
-    d = torch.tensor([1.0, -2.0, 0.0, 0.5, 0.0, 3.0])
-    assert evaluate.frechet_distance_from_features(a, a + d) == pytest.approx(float(d.square().sum()), rel=1e-8)
-
-
-def test_symmetric_square_root_squares_back():
-    g = torch.Generator().manual_seed(1)
-    m = torch.randn(5, 5, generator=g, dtype=torch.float64)
-    psd = m @ m.T
-    root = evaluate._sqrtm_psd(psd)
-    assert torch.allclose(root @ root, psd, atol=1e-10) and torch.allclose(root, root.T)
-
-
-def test_frechet_distance_needs_two_samples():
-    with pytest.raises(ValueError, match="at least 2 samples"):
-        evaluate.frechet_distance_from_features(torch.zeros(1, 3), torch.zeros(5, 3))
-
-
-# ---- coverage and density ----------------------------------------------------------------------------------------
-
-def _coverage_density_reference(real: torch.Tensor, fake: torch.Tensor, k: int) -> tuple[float, float]:
-    """Naeem et al. 2020, eqs. 3-4, written as loops over samples."""
-    radii = []
-    for i in range(len(real)):
-        others = sorted(float((real[i] - real[j]).norm()) for j in range(len(real)) if j != i)
-        radii.append(others[k - 1])
-    balls = [[float((real[i] - f).norm()) <= radii[i] for f in fake] for i in range(len(real))]
-    coverage = sum(any(row) for row in balls) / len(real)
-    density = sum(sum(row) for row in balls) / (k * len(fake))
-    return coverage, density
-
-
-def test_coverage_and_density_match_the_definitions():
-    g = torch.Generator().manual_seed(0)
-    real, fake = torch.randn(60, 4, generator=g), torch.randn(50, 4, generator=g) * 0.7 + 0.3
-    for k in (1, 3, 5):
-        ours = evaluate.coverage_density(real, fake, k)
-        assert ours == pytest.approx(_coverage_density_reference(real, fake, k), rel=1e-12)
+    a, b = torch.randn(50, 6, generator=g), torch.randn(40, 6, generator=g) + 0.5
+    assert evaluate.features_frechet(a, b) == fid.frechet_distance(fid.feature_stats(a), fid.feature_stats(b))
+    assert evaluate.features_frechet(a, a) == pytest.approx(0.0, abs=1e-8)
+    with pytest.raises(ValueError, match="N >= 2"):
+        evaluate.features_frechet(torch.zeros(1, 3), torch.zeros(5, 3))
 
 
 def test_coverage_falls_when_modes_are_dropped_and_density_rises_when_samples_crowd():
@@ -89,12 +41,10 @@ def test_coverage_falls_when_modes_are_dropped_and_density_rises_when_samples_cr
     modes = torch.randn(8, 16, generator=g) * 10                                   # 8 well-separated modes
     draw = lambda idx: modes[idx] + torch.randn(len(idx), 16, generator=g)         # noqa: E731
     real = draw(torch.arange(800) % 8)
-    coverage, density = evaluate.coverage_density(real, draw(torch.arange(800) % 8))
-    collapsed = evaluate.coverage_density(real, draw(torch.arange(800) % 2))       # only 2 of the 8 modes
-    assert coverage > 0.9 and 0.8 < density < 1.2
-    assert collapsed[0] < 0.3 < coverage and collapsed[1] > density               # crowding 2 modes: denser
-    with pytest.raises(ValueError, match="more than k = 5 real"):
-        evaluate.coverage_density(real[:5], real)
+    same = fid.density_coverage(real, draw(torch.arange(800) % 8))
+    collapsed = fid.density_coverage(real, draw(torch.arange(800) % 2))           # only 2 of the 8 modes
+    assert same["coverage"] > 0.9 and 0.8 < same["density"] < 1.2
+    assert collapsed["coverage"] < 0.3 and collapsed["density"] > same["density"]  # crowding 2 modes: denser
 
 
 # ---- the metrics on real, noise, wrong-prompt and collapsed images ----------------------------------------------------------
@@ -210,5 +160,5 @@ def test_the_study_trains_in_stages_and_scores_each_point(tmp_path, monkeypatch)
     monkeypatch.setattr(toy_table, "run", lambda *a: pytest.fail("a finished run was started again"))
     assert toy_table.train_and_score(row, tmp_path / "run", seed=0, threads=1) == curve
     teacher = ({1: curve[2][1]}, curve[2][1])
-    text = toy_table.report(tmp_path, [row], [0], teacher, {(row.flags, 0): curve})
+    text = toy_table.report([row], [0], teacher, {(row.flags, 0): curve})
     assert text.count("| CD | 1 |") == 2 and "Equal teacher budget (0.2K teacher UNet evaluations" in text

@@ -8,7 +8,6 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
 from PIL import Image
