@@ -144,7 +144,7 @@ def table_row(name: str, per_seed: list[dict]) -> str:
 
 def plot_tradeoff(curves: dict, path: Path) -> None:
     """1-step FD (x) against 2-step FD (y) along training, one line per row (mean over its seeds), from the first
-    to the last scored point; lower-left is better. Skipped with a note if matplotlib is missing."""
+    to the last point scored so far; lower-left is better. Skipped with a note if matplotlib is missing."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -157,7 +157,7 @@ def plot_tradeoff(curves: dict, path: Path) -> None:
         xs = [statistics.mean(s[1]["fd"] for s in seeds) for seeds in points.values()]
         ys = [statistics.mean(s[2]["fd"] for s in seeds) for seeds in points.values()]
         ax.plot(xs, ys, marker="o", label=name)
-        ax.annotate("end", (xs[-1], ys[-1]), fontsize=7)
+        ax.annotate("last", (xs[-1], ys[-1]), fontsize=7)
     ax.set_xlabel("FD, 1 step")
     ax.set_ylabel("FD, 2 steps")
     ax.set_title(f"toy world: along training, equal teacher budget ({POINTS} points per run)")
@@ -191,31 +191,52 @@ def report(rows: list, seeds: list[int], teacher: tuple, runs: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def scored_points(row: Row, folder: Path) -> dict:
+    """{step: {student steps: scores}} of the points of a run that are scored on disk (none: {})."""
+    files = {point: folder / f"scores-{point:07d}.json" for point in row.points}
+    return {point: score(f, [], threads=1)[0] for point, f in files.items() if f.is_file()}
+
+
+def write_results(out: Path, order: list, seeds: list[int], teacher: tuple) -> str:
+    """OUT/table.md and OUT/tradeoff.png from every score on disk (finished or not); returns the table."""
+    runs = {(row.flags, seed): scored_points(row, out / slug(row.flags) / f"seed-{seed}") for row, seed in order}
+    text = report(ROWS, seeds, teacher, runs)
+    (out / "table.md").write_text(text)
+    curves = {row.name: {point: [runs[row.flags, s][point] for s in seeds if point in runs.get((row.flags, s), {})]
+                         for point in row.points} for row in ROWS if row.every_seed}
+    curves = {name: {p: v for p, v in points.items() if v} for name, points in curves.items()}
+    plot_tradeoff({name: points for name, points in curves.items() if points}, out / "tradeoff.png")
+    return text
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="results/toy-study", help="runs, logs, table.md and tradeoff.png go here")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                    help="training seeds (the single-seed rows use the first)")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, each with 1 CPU thread")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: write table.md and tradeoff.png from the scores already on disk")
     args = p.parse_args(argv)
     out = Path(args.out).resolve()  # the subprocesses run in the repository folder
     # The first seed of every row first, so a partial study already has every row.
     order = [(row, seed) for seed in args.seeds for row in ROWS if row.every_seed or seed == args.seeds[0]]
-    t0, runs = time.time(), {}
-    with ThreadPoolExecutor(args.jobs) as pool:
-        (out / "teacher").mkdir(parents=True, exist_ok=True)
-        teacher = pool.submit(score, out / "teacher" / "scores.json", ["--teacher-steps", *map(str, TEACHER_STEPS)], 1)
-        futures = {(row.flags, seed): pool.submit(train_and_score, row, out / slug(row.flags) / f"seed-{seed}", seed, 1)
-                   for row, seed in order}
-        for key, future in futures.items():
-            runs[key] = future.result()
-            text = report(ROWS, args.seeds, teacher.result(), runs)
-            (out / "table.md").write_text(text)  # rewritten as each run finishes
-    print(text)
-    curves = {row.name: {point: [runs[row.flags, s][point] for s in args.seeds if (row.flags, s) in runs]
-                         for point in row.points} for row in ROWS if row.every_seed}
-    plot_tradeoff(curves, out / "tradeoff.png")
-    print(f"wall time {(time.time() - t0) / 60:.1f} min; runs and logs in {out}")
+    teacher_file = out / "teacher" / "scores.json"
+    t0 = time.time()
+    if not args.report_only:
+        with ThreadPoolExecutor(args.jobs) as pool:
+            teacher_file.parent.mkdir(parents=True, exist_ok=True)
+            teacher = pool.submit(score, teacher_file, ["--teacher-steps", *map(str, TEACHER_STEPS)], 1)
+            futures = [pool.submit(train_and_score, row, out / slug(row.flags) / f"seed-{seed}", seed, 1)
+                       for row, seed in order]
+            for future in futures:
+                future.result()
+                write_results(out, order, args.seeds, teacher.result())  # rewritten as each run finishes
+    if not teacher_file.is_file():
+        raise SystemExit(f"{teacher_file} is missing: run `python toy_table.py --out {args.out}` (it scores the "
+                         f"teacher first).")
+    print(write_results(out, order, args.seeds, score(teacher_file, [], threads=1)))
+    print(f"wall time {(time.time() - t0) / 60:.1f} min; runs, logs, table.md and tradeoff.png in {out}")
 
 
 if __name__ == "__main__":
