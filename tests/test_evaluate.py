@@ -162,3 +162,13 @@ def test_the_study_trains_in_stages_and_scores_each_point(tmp_path, monkeypatch)
     teacher = ({1: curve[2][1]}, curve[2][1])
     text = toy_table.report([row], [0], teacher, {(row.flags, 0): curve})
     assert text.count("| CD | 1 |") == 2 and "Equal teacher budget (0.2K teacher UNet evaluations" in text
+
+
+def test_the_tradeoff_plot_is_written(tmp_path):
+    """toy_table.plot_tradeoff draws one line per row from {row: {step: [per-seed scores]}} into a PNG."""
+    scores = lambda fd1, fd2: {1: {"fd": fd1}, 2: {"fd": fd2}}  # noqa: E731
+    curves = {"CD": {100: [scores(600, 700), scores(620, 680)], 200: [scores(400, 300)]},
+              "SCott": {100: [scores(650, 650)]}}
+    toy_table.plot_tradeoff(curves, tmp_path / "tradeoff.png")
+    from PIL import Image
+    assert Image.open(tmp_path / "tradeoff.png").size == (960, 720)
