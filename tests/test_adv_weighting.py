@@ -18,17 +18,10 @@ from consistency import ConsistencyConfig, scott_loss
 from datasets import write_folder_dataset
 from discriminator import DiscriminatorConfig, g_hinge_loss
 from sd15 import load_sd15
-from tiny_models import TINY_RUN, write_tiny_sd15
+from tiny_models import TINY_RUN
 
 ROOT = Path(__file__).resolve().parent.parent
 NO_AUTOCAST = nullcontext()
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sd15")
-    write_tiny_sd15(root)
-    return root
 
 
 def build(tiny_model, student_lora_rank=0, **train_flags):

@@ -15,17 +15,10 @@ from safetensors.torch import load_file
 import sample
 import train
 from datasets import write_folder_dataset, write_tar_dataset
-from tiny_models import TINY_RUN, write_tiny_sd15
+from tiny_models import TINY_RUN
 from unet import load_unet
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sd15")
-    write_tiny_sd15(root)
-    return root
 
 
 def env():

@@ -12,16 +12,8 @@ from consistency import ConsistencyConfig, boundary_scalings, scott_loss
 from discriminator import Discriminator, DiscriminatorConfig, g_hinge_loss
 from sd15 import load_sd15
 from sde_solver import teacher_transition
-from tiny_models import write_tiny_sd15
 
 NO_AUTOCAST = nullcontext()
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sd15")
-    write_tiny_sd15(root)
-    return root
 
 
 def build(tiny_model, adv_weight=0.4, renoise=False, ema_decay=0.95, lr=1e-3):
