@@ -239,10 +239,10 @@ def evaluate_models(model, student=None, steps=(1, 2, 4), teacher_steps=None, sa
 
     def scores_of(make_images) -> dict:
         """Accuracy and FD of the images made for the first set, coverage and density of those for the second."""
-        main, open_ = make_images(sets[0], 0), make_images(sets[1], len(sets[0]))  # image i from seed + i: no overlap
-        asked, open_asked = sets
-        diversity = evaluate_samples(open_, open_asked, classifier=classifier)
-        scores = evaluate_samples(main, asked, classifier=classifier)
+        every_caption = make_images(sets[0], 0)
+        open_captions = make_images(sets[1], len(sets[0]))  # image i from seed + i: no overlap between the sets
+        diversity = evaluate_samples(open_captions, sets[1], classifier=classifier)
+        scores = evaluate_samples(every_caption, sets[0], classifier=classifier)
         return {**scores, "coverage": diversity["coverage"], "density": diversity["density"]}
 
     print(TABLE_HEADER)
