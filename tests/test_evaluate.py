@@ -2,6 +2,7 @@
 the shipped classifier (toy/classifier.safetensors, regenerate with `python evaluate.py train-classifier`) tells real
 synthetic images from noise, from images made for another prompt and from mode-collapsed sets."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -146,8 +147,9 @@ def test_command_line_scores_the_shipped_models(tmp_path, capsys):
 def test_the_study_trains_in_stages_and_scores_each_point(tmp_path, monkeypatch):
     """toy_table.py's run of one row, shrunk (a budget of 2 steps at h = 3, so 6 at h = 1, scored at 2 steps, the
     equal-optimiser-steps point, and at 6): train.py stops at each point with a checkpoint, evaluate.py scores it,
-    the next stage resumes; a second call finds everything done and runs nothing; the report has the row in both
-    tables, with the teacher-evaluation count of the budget."""
+    the next stage resumes; a second call finds everything done and runs nothing; with only the scores kept (as in
+    git) the unscored point is retrained from the start to the same scores; the report has the row in both tables,
+    with the teacher-evaluation count of the budget."""
     monkeypatch.setattr(toy_table, "BUDGET_STEPS", 2)
     monkeypatch.setattr(toy_table, "POINTS", 1)
     monkeypatch.setattr(toy_table, "STUDENT_STEPS", (1,))  # one sampling step keeps the scoring quick
@@ -157,7 +159,14 @@ def test_the_study_trains_in_stages_and_scores_each_point(tmp_path, monkeypatch)
     assert set(curve) == {2, 6} and all(set(c) == {1} for c in curve.values())
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "step" in r and "loss_cd" in r] == [1, 2, 3, 4, 5, 6]
+    run = toy_table.run
     monkeypatch.setattr(toy_table, "run", lambda *a: pytest.fail("a finished run was started again"))
+    assert toy_table.train_and_score(row, tmp_path / "run", seed=0, threads=1) == curve
+    # What git keeps of a run (scores, not checkpoints or logs): the missing point is retrained from step 0, exactly.
+    for path in [*(tmp_path / "run").glob("step-*"), tmp_path / "run" / "latest", tmp_path / "run" / "log.jsonl",
+                 tmp_path / "run" / "scores-0000006.json"]:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    monkeypatch.setattr(toy_table, "run", run)
     assert toy_table.train_and_score(row, tmp_path / "run", seed=0, threads=1) == curve
     teacher = ({1: curve[2][1]}, curve[2][1])
     text = toy_table.report([row], [0], teacher, {(row.flags, 0): curve})
