@@ -258,19 +258,20 @@ def evaluate_models(model, student=None, steps=(1, 2, 4), teacher_steps=None, sa
         jobs += [(f"student {n} step(s) ω={guidance}", unet, n, None) for n in steps]
     for name, unet, n, eta in jobs:
         t0 = time.time()
-
-        def sample(prompts, first, chunk=64):
-            """Images for `prompts`, image i from seed + first + i, in chunks (faster on a CPU than one batch)."""
-            images = []
-            for i in range(0, len(prompts), chunk):
-                with torch.no_grad():
-                    images.append(generate(bundle, unet, schedule, prompts[i:i + chunk], n, guidance, size, size,
-                                           seed=seed + first + i, teacher_eta=eta)[0])
-            return torch.cat(images) * 2 - 1
-
+        sample = lambda prompts, first: sample_images(bundle, unet, schedule, prompts, n, guidance, size,  # noqa: E731
+                                                      seed + first, eta)
         rows.append({"name": name, "steps": n, "scores": scores_of(sample)})
         _print_row(name, rows[-1]["scores"], time.time() - t0)
     return rows
+
+
+@torch.no_grad()
+def sample_images(bundle, unet, schedule, prompts, steps, guidance, size, seed, teacher_eta, chunk=64) -> torch.Tensor:
+    """sample.generate's images for `prompts` in [-1, 1], image i from seed + i, in chunks of `chunk` prompts
+    (faster on a CPU than one large batch; the same images, since each image's noise is its own)."""
+    images = [generate(bundle, unet, schedule, prompts[i:i + chunk], steps, guidance, size, size, seed=seed + i,
+                       teacher_eta=teacher_eta)[0] for i in range(0, len(prompts), chunk)]
+    return torch.cat(images) * 2 - 1
 
 
 def main(argv=None):

@@ -93,6 +93,11 @@ def score(scores_file: Path, evaluate_flags: list[str], threads: int) -> tuple[d
     if not scores_file.is_file():
         run([sys.executable, "evaluate.py", *evaluate_flags, "--json", str(scores_file)],
             scores_file.with_suffix(".log"), threads)
+    return read_scores(scores_file)
+
+
+def read_scores(scores_file: Path) -> tuple[dict, dict]:
+    """evaluate.py's JSON -> ({steps: scores}, the data's own row)."""
     data, *rows = json.loads(scores_file.read_text())
     return {row["steps"]: row["scores"] for row in rows}, data["scores"]
 
@@ -194,7 +199,7 @@ def report(rows: list, seeds: list[int], teacher: tuple, runs: dict) -> str:
 def scored_points(row: Row, folder: Path) -> dict:
     """{step: {student steps: scores}} of the points of a run that are scored on disk (none: {})."""
     files = {point: folder / f"scores-{point:07d}.json" for point in row.points}
-    return {point: score(f, [], threads=1)[0] for point, f in files.items() if f.is_file()}
+    return {point: read_scores(f)[0] for point, f in files.items() if f.is_file()}
 
 
 def write_results(out: Path, order: list, seeds: list[int], teacher: tuple) -> str:
@@ -235,7 +240,7 @@ def main(argv=None):
     if not teacher_file.is_file():
         raise SystemExit(f"{teacher_file} is missing: run `python toy_table.py --out {args.out}` (it scores the "
                          f"teacher first).")
-    print(write_results(out, order, args.seeds, score(teacher_file, [], threads=1)))
+    print(write_results(out, order, args.seeds, read_scores(teacher_file)))
     print(f"wall time {(time.time() - t0) / 60:.1f} min; runs, logs, table.md and tradeoff.png in {out}")
 
 

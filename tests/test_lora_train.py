@@ -17,24 +17,19 @@ import export
 import sample
 import train
 from consistency import ConsistencyConfig, scott_loss
-from datasets import write_folder_dataset
 from discriminator import DiscriminatorConfig
 from lora import ADAPTERS_FILE, TARGET_ADAPTERS_FILE, LoRAStudent
 from sd15 import load_sd15
-from tiny_models import TINY_RUN, write_tiny_sd15
+from tiny_models import write_tiny_run
 
 ROOT = Path(__file__).resolve().parent.parent
 NO_AUTOCAST = nullcontext()
-RUN_FLAGS = [*TINY_RUN, "--num-workers", "0", "--student-lora-rank", "4"]
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """(tiny model, data, the flags every LoRA run here shares)."""
-    root = tmp_path_factory.mktemp("lora_train")
-    write_tiny_sd15(root / "sd15")
-    data = write_folder_dataset(root / "data", n=16, size=40)
-    return root / "sd15", data, ["--model", str(root / "sd15"), "--data", str(data), *RUN_FLAGS]
+    return write_tiny_run(tmp_path_factory.mktemp("lora_train"), "--student-lora-rank", "4")
 
 
 def build(model, ema_decay=0.95, adv_weight=0.4):

@@ -13,20 +13,15 @@ import torch
 
 import run_folder
 import train
-from datasets import write_folder_dataset
-from tiny_models import TINY_RUN, write_tiny_sd15
+from tiny_models import write_tiny_run, write_tiny_sd15
 
 ROOT = Path(__file__).resolve().parent.parent
-RUN_FLAGS = [*TINY_RUN, "--num-workers", "0"]
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """(tiny model, data, the flags every run here shares)."""
-    root = tmp_path_factory.mktemp("resume")
-    write_tiny_sd15(root / "sd15")
-    data = write_folder_dataset(root / "data", n=16, size=40)
-    return root / "sd15", data, ["--model", str(root / "sd15"), "--data", str(data), *RUN_FLAGS]
+    return write_tiny_run(tmp_path_factory.mktemp("resume"))
 
 
 def names(out):
