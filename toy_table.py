@@ -2,13 +2,15 @@
 
     python toy_table.py                                  # every run (hours on a 2-core CPU; resumable)
     python toy_table.py --seeds 0 --jobs 2               # one seed of every row
+    python toy_table.py --rows "CD (η=0, h=1)" --jobs 1  # one row (every seed); --help lists the names
 
 Each run is `python train.py --seed s <the row's flags>` (on top of the toy defaults: batch 16, lr 1e-4, ω ∈ [2, 6],
 k = 24) into OUT/<flags>/seed-s. Every run gets the same teacher budget, BUDGET_STEPS optimisation steps at h = 3
 (16 images × h sub-steps × 2 for CFG per step): an h = 1 run trains three times as many steps. The run stops at
-fixed points of that budget (and at BUDGET_STEPS itself, the equal-optimiser-steps point), and `python evaluate.py`
-scores its student there at 1, 2 and 4 steps: accuracy, Fréchet distance (FD) and coverage in the toy classifier's
-features (evaluate.py). The teacher is scored the same way with DDIM at 1, 2, 4 and 50 steps.
+BUDGET_STEPS (equal optimiser steps), at its end (equal teacher budget) and, for the rows trained with every seed,
+at POINTS even fractions of the budget (the trade-off curves); `python evaluate.py` scores its student there at
+1, 2 and 4 steps: accuracy, Fréchet distance (FD) and coverage in the toy classifier's features (evaluate.py).
+The teacher is scored the same way with DDIM at 1, 2, 4 and 50 steps.
 
 Everything a run has done stays on disk (checkpoints, per-point scores), so an interrupted study continues where it
 stopped, and the tables and the plot are made from whatever is finished. The default OUT is in the repository:
@@ -58,9 +60,11 @@ class Row:
 
     @property
     def points(self) -> list[int]:
-        """Optimisation steps at which the student is scored: POINTS even teacher-budget fractions, plus
-        BUDGET_STEPS (equal optimiser steps)."""
-        return sorted({self.steps * (i + 1) // POINTS for i in range(POINTS)} | {BUDGET_STEPS})
+        """Optimisation steps at which the student is scored: BUDGET_STEPS (equal optimiser steps) and the run's
+        end (equal teacher budget), plus, for a row with a trade-off curve (every seed), POINTS even fractions of
+        the budget. Scoring costs more CPU than training, so the single-seed rows stop at the two comparisons."""
+        curve = {self.steps * (i + 1) // POINTS for i in range(POINTS)} if self.every_seed else set()
+        return sorted(curve | {BUDGET_STEPS, self.steps})
 
 
 ROWS = [Row(name + adv_name, f"--eta {eta} --substeps {h} {adv_flags}", h, main)
@@ -226,6 +230,7 @@ def main(argv=None):
     out = Path(args.out).resolve()  # the subprocesses run in the repository folder
     # The first seed of every row first, so a partial study already has every row.
     order = [(row, seed) for seed in args.seeds for row in ROWS if row.every_seed or seed == args.seeds[0]]
+    run_now = [(row, seed) for row, seed in order if args.rows is None or row.name in args.rows]
     teacher_file = out / "teacher" / "scores.json"
     t0 = time.time()
     if not args.report_only:
@@ -233,7 +238,7 @@ def main(argv=None):
             teacher_file.parent.mkdir(parents=True, exist_ok=True)
             teacher = pool.submit(score, teacher_file, ["--teacher-steps", *map(str, TEACHER_STEPS)], 1)
             futures = [pool.submit(train_and_score, row, out / slug(row.flags) / f"seed-{seed}", seed, 1)
-                       for row, seed in order]
+                       for row, seed in run_now]
             for future in futures:
                 future.result()
                 write_results(out, order, args.seeds, teacher.result())  # rewritten as each run finishes

@@ -143,6 +143,17 @@ def test_command_line_scores_the_shipped_models(tmp_path, capsys):
     assert row.startswith("| x | 2 | ") and row.count(" ± 0.0") == 9
 
 
+def test_study_points_curves_for_every_seed_rows_and_the_two_comparisons_for_the_rest():
+    """A row run with every seed is scored along its budget (its trade-off curve) and at both comparison points;
+    a single-seed row only at BUDGET_STEPS (equal optimiser steps) and at its end (equal teacher budget)."""
+    b = toy_table.BUDGET_STEPS
+    for h in (1, 3):
+        curve = toy_table.Row("x", "", substeps=h, every_seed=True).points
+        single = toy_table.Row("x", "", substeps=h, every_seed=False).points
+        assert curve == sorted({3 * b // h * (i + 1) // toy_table.POINTS for i in range(toy_table.POINTS)} | {b})
+        assert single == sorted({b, 3 * b // h}) and set(single) <= set(curve)
+
+
 @pytest.mark.slow
 def test_the_study_trains_in_stages_and_scores_each_point(tmp_path, monkeypatch):
     """toy_table.py's run of one row, shrunk (a budget of 2 steps at h = 3, so 6 at h = 1, scored at 2 steps, the
