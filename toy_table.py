@@ -223,6 +223,9 @@ def main(argv=None):
     p.add_argument("--out", default="results/toy-study", help="runs, logs, table.md and tradeoff.png go here")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                    help="training seeds (the single-seed rows use the first)")
+    p.add_argument("--rows", nargs="+", metavar="NAME", choices=[row.name for row in ROWS],
+                   help="run only these rows (default: all); the tables still show every row scored on disk. "
+                        "Names: " + "; ".join(row.name for row in ROWS))
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, each with 1 CPU thread")
     p.add_argument("--report-only", action="store_true",
                    help="run nothing: write table.md and tradeoff.png from the scores already on disk")
