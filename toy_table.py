@@ -214,7 +214,9 @@ def write_results(out: Path, order: list, seeds: list[int], teacher: tuple) -> s
     curves = {row.name: {point: [runs[row.flags, s][point] for s in seeds if point in runs.get((row.flags, s), {})]
                          for point in row.points} for row in ROWS if row.every_seed}
     curves = {name: {p: v for p, v in points.items() if v} for name, points in curves.items()}
-    plot_tradeoff({name: points for name, points in curves.items() if points}, out / "tradeoff.png")
+    curves = {name: points for name, points in curves.items() if points}
+    if curves:
+        plot_tradeoff(curves, out / "tradeoff.png")
     return text
 
 

@@ -154,6 +154,24 @@ def test_study_points_curves_for_every_seed_rows_and_the_two_comparisons_for_the
         assert single == sorted({b, 3 * b // h}) and set(single) <= set(curve)
 
 
+def test_study_rows_option_runs_only_the_named_rows_first_seed_first(tmp_path, monkeypatch):
+    """`toy_table.py --rows A B --seeds 0 1` trains exactly A's and B's runs, seed 0 of both before seed 1 (a
+    single-seed row only with the first seed), and nothing else."""
+    scores = {"acc_all": 1.0, "fd": 1.0, "coverage": 1.0}
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "scores.json").write_text(json.dumps([{"scores": scores}, {"steps": 1, "scores": scores}]))
+    started = []
+    monkeypatch.setattr(toy_table, "train_and_score", lambda row, folder, seed, threads: started.append(
+        (row.name, seed, folder.relative_to(tmp_path).as_posix())) or {})
+    main_row, single_row = toy_table.ROWS[3], toy_table.ROWS[-1]
+    assert main_row.every_seed and not single_row.every_seed
+    toy_table.main(["--out", str(tmp_path), "--seeds", "0", "1", "--jobs", "1",
+                    "--rows", single_row.name, main_row.name])
+    assert started == [(main_row.name, 0, f"{toy_table.slug(main_row.flags)}/seed-0"),
+                       (single_row.name, 0, f"{toy_table.slug(single_row.flags)}/seed-0"),
+                       (main_row.name, 1, f"{toy_table.slug(main_row.flags)}/seed-1")]
+
+
 @pytest.mark.slow
 def test_the_study_trains_in_stages_and_scores_each_point(tmp_path, monkeypatch):
     """toy_table.py's run of one row, shrunk (a budget of 2 steps at h = 3, so 6 at h = 1, scored at 2 steps, the
