@@ -17,7 +17,8 @@ stopped, and the tables and the plot are made from whatever is finished. The def
 its scores, tables and plot are committed (its checkpoints and logs are ignored by git), so a study can span
 sessions and machines; a point whose scores are there is never recomputed, and a run whose checkpoints are gone
 restarts from its beginning (training is deterministic, so it retraces the same steps). Outputs: OUT/table.md
-and OUT/tradeoff.png (trade-off curves, 1-step FD against 2-step FD along training; needs matplotlib).
+and OUT/tradeoff.png (needs matplotlib): the trade-off curves, 1-step FD against 2-step FD along training, and
+the FD at 1, 2 and 4 steps against the teacher evaluations spent.
 """
 import argparse
 import json
@@ -152,8 +153,10 @@ def table_row(name: str, per_seed: list[dict]) -> str:
 
 
 def plot_tradeoff(curves: dict, path: Path) -> None:
-    """1-step FD (x) against 2-step FD (y) along training, one line per row (mean over its seeds), from the first
-    to the last point scored so far; lower-left is better. Skipped with a note if matplotlib is missing."""
+    """curves: {row name: {teacher UNet evaluations spent: [per-seed {student steps: scores}]}}, each point the mean
+    over the row's seeds. Four panels: 1-step FD against 2-step FD along training (the trade-off; lower-left is
+    better), and the FD at 1, 2 and 4 steps against the teacher evaluations spent (lower is better). Skipped with a
+    note if matplotlib is missing."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -161,18 +164,21 @@ def plot_tradeoff(curves: dict, path: Path) -> None:
     except ImportError:
         print("matplotlib is not installed: no trade-off plot (pip install matplotlib)")
         return
-    fig, ax = plt.subplots(figsize=(8, 6))
+    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
+    tradeoff, *along = axes.flat
     for name, points in curves.items():
-        xs = [statistics.mean(s[1]["fd"] for s in seeds) for seeds in points.values()]
-        ys = [statistics.mean(s[2]["fd"] for s in seeds) for seeds in points.values()]
-        ax.plot(xs, ys, marker="o", label=name)
-        ax.annotate("last", (xs[-1], ys[-1]), fontsize=7)
-    ax.set_xlabel("FD, 1 step")
-    ax.set_ylabel("FD, 2 steps")
-    ax.set_title(f"toy world: along training, equal teacher budget ({POINTS} points per run)")
-    ax.legend(fontsize=7)
+        fd = {n: [statistics.mean(s[n]["fd"] for s in seeds) for seeds in points.values()] for n in STUDENT_STEPS}
+        line, = tradeoff.plot(fd[1], fd[2], marker="o", label=name)
+        tradeoff.annotate("end", (fd[1][-1], fd[2][-1]), fontsize=7)
+        for ax, n in zip(along, STUDENT_STEPS):
+            ax.plot([k / 1000 for k in points], fd[n], marker="o", color=line.get_color())
+            ax.set(xlabel="teacher UNet evaluations spent (K)", ylabel=f"FD, {n} step(s)", yscale="log")
+    tradeoff.set(xlabel="FD, 1 step", ylabel="FD, 2 steps", title="along training: 1-step against 2-step FD")
+    tradeoff.legend(fontsize=7)
+    fig.suptitle(f"toy world: students scored along training (at {POINTS} even fractions of the teacher budget and at "
+                 f"step {BUDGET_STEPS}; mean over seeds)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=100)
 
 
 def report(rows: list, seeds: list[int], teacher: tuple, runs: dict) -> str:
@@ -211,10 +217,13 @@ def write_results(out: Path, order: list, seeds: list[int], teacher: tuple) -> s
     runs = {(row.flags, seed): scored_points(row, out / slug(row.flags) / f"seed-{seed}") for row, seed in order}
     text = report(ROWS, seeds, teacher, runs)
     (out / "table.md").write_text(text)
-    curves = {row.name: {point: [runs[row.flags, s][point] for s in seeds if point in runs.get((row.flags, s), {})]
-                         for point in row.points} for row in ROWS if row.every_seed}
-    curves = {name: {p: v for p, v in points.items() if v} for name, points in curves.items()}
-    curves = {name: points for name, points in curves.items() if points}
+    # A curve averages the finished runs of its row only, so that every point of it is a mean over the same seeds.
+    curves = {}
+    for row in ROWS:
+        finished = [runs[row.flags, s] for s in seeds if set(runs.get((row.flags, s), {})) == set(row.points)]
+        if row.every_seed and finished:
+            curves[f"{row.name}, {len(finished)} seed(s)"] = {
+                teacher_evaluations(p, row.substeps): [run[p] for run in finished] for p in row.points}
     if curves:
         plot_tradeoff(curves, out / "tradeoff.png")
     return text

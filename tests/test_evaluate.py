@@ -203,10 +203,11 @@ def test_the_study_trains_in_stages_and_scores_each_point(tmp_path, monkeypatch)
 
 
 def test_the_tradeoff_plot_is_written(tmp_path):
-    """toy_table.plot_tradeoff draws one line per row from {row: {step: [per-seed scores]}} into a PNG."""
-    scores = lambda fd1, fd2: {1: {"fd": fd1}, 2: {"fd": fd2}}  # noqa: E731
-    curves = {"CD": {100: [scores(600, 700), scores(620, 680)], 200: [scores(400, 300)]},
-              "SCott": {100: [scores(650, 650)]}}
+    """toy_table.plot_tradeoff draws one line per row from {row: {teacher evaluations: [per-seed scores]}} into a
+    PNG."""
+    scores = lambda fd: {n: {"fd": fd * n} for n in toy_table.STUDENT_STEPS}  # noqa: E731
+    curves = {"CD": {9600: [scores(600), scores(620)], 19200: [scores(400), scores(410)]},
+              "SCott": {9600: [scores(650)]}}
     toy_table.plot_tradeoff(curves, tmp_path / "tradeoff.png")
     from PIL import Image
-    assert Image.open(tmp_path / "tradeoff.png").size == (960, 720)
+    assert Image.open(tmp_path / "tradeoff.png").size == (1200, 900)
