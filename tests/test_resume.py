@@ -289,10 +289,10 @@ def test_an_allowed_change_of_d_says_what_happens_to_it(tmp_path, setup, one_ste
 def test_resume_prints_other_changes_and_continues(tmp_path, setup, one_step_run, capsys):
     _, _, common = setup
     out = copy_run(one_step_run, tmp_path / "run")
-    train.main([*common, "--out", str(out), "--steps", "2", "--resume", "auto", "--lr", "2e-3", "--eta", "0.1",
+    train.main([*common, "--out", str(out), "--steps", "2", "--resume", "auto", "--lr", "2e-3", "--eta", "0.3",
                 "--seed", "3"])
     printed = capsys.readouterr().out
-    assert "train.lr: 0.001 -> 0.002" in printed and "consistency.eta: 0.3 -> 0.1" in printed
+    assert "train.lr: 0.001 -> 0.002" in printed and "consistency.eta: 0.1 -> 0.3" in printed
     assert "train.seed: 0 -> 3" in printed and "steps 1 -> 2" in printed
 
 
