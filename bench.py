@@ -219,7 +219,7 @@ def step_rows(folder: Path, cfg: BenchConfig, peak: float | None) -> list[dict]:
     device = torch.device(cfg.device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
     rows = []
-    # η = 0.3 as in the measurements of docs/performance.md (the default is 0.1 now); η does not change the cost.
+    # η = 0.3, the setting docs/performance.md was measured with (the default is 0.1); η does not change the cost.
     settings = {"SCott step (h=3, η=0.3, CFG, EMA, D)": (ConsistencyConfig(eta=0.3), 0.4, 0),
                 "LCM-style step (η=0, h=1, CFG, EMA)": (ConsistencyConfig(eta=0.0, substeps=1), 0.0, 0),
                 "SCott-LoRA step (rank 64, h=3, η=0.3, CFG, EMA, D)":

@@ -31,6 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import run_folder
+
 HERE = Path(__file__).resolve().parent
 BUDGET_STEPS = 400          # optimisation steps of an h = 3 run; an h-sub-step run gets 3 / h times as many
 POINTS = 4                  # scored points along each run, evenly spaced in teacher evaluations
@@ -119,7 +121,7 @@ def train_and_score(row: Row, folder: Path, seed: int, threads: int) -> dict:
             t0 = time.time()
             run([sys.executable, "train.py", "--out", str(folder), "--steps", str(row.steps), "--seed", str(seed),
                  "--resume", "auto", "--sample-every", "0", "--ckpt-every", str(row.steps), "--stop-after",
-                 str(point - latest_step(folder)), *row.flags.split()], folder / "train.log", threads)
+                 str(point - newest_checkpoint_step(folder)), *row.flags.split()], folder / "train.log", threads)
             with open(folder / "train_seconds.txt", "a") as f:
                 f.write(f"{point} {time.time() - t0:.0f}\n")
         curve[point] = score(scores_file, ["--student", str(student), "--steps", *map(str, STUDENT_STEPS)],
@@ -127,10 +129,11 @@ def train_and_score(row: Row, folder: Path, seed: int, threads: int) -> dict:
     return curve
 
 
-def latest_step(folder: Path) -> int:
-    """The step of the run's newest checkpoint, 0 if none."""
-    latest = folder / "latest"
-    return int(latest.read_text().strip().removeprefix("step-")) if latest.is_file() else 0
+def newest_checkpoint_step(folder: Path) -> int:
+    """The step `train.py --resume auto` continues from: its newest checkpoint's (run_folder.list_checkpoints), 0 if
+    none."""
+    checkpoints = run_folder.list_checkpoints(folder)
+    return checkpoints[-1][0] if checkpoints else 0
 
 
 # ---- tables and the plot ----------------------------------------------------------------------------------------
@@ -172,7 +175,8 @@ def plot_tradeoff(curves: dict, path: Path) -> None:
         tradeoff.annotate("end", (fd[1][-1], fd[2][-1]), fontsize=7)
         for ax, n in zip(along, STUDENT_STEPS):
             ax.plot([k / 1000 for k in points], fd[n], marker="o", color=line.get_color())
-            ax.set(xlabel="teacher UNet evaluations spent (K)", ylabel=f"FD, {n} step(s)", yscale="log")
+    for ax, n in zip(along, STUDENT_STEPS):
+        ax.set(xlabel="teacher UNet evaluations spent (K)", ylabel=f"FD, {n} step(s)", yscale="log")
     tradeoff.set(xlabel="FD, 1 step", ylabel="FD, 2 steps", title="along training: 1-step against 2-step FD")
     tradeoff.legend(fontsize=7)
     fig.suptitle(f"toy world: students scored along training (at {POINTS} even fractions of the teacher budget and at "
@@ -219,9 +223,9 @@ def write_results(out: Path, order: list, seeds: list[int], teacher: tuple) -> s
     (out / "table.md").write_text(text)
     # A curve averages the finished runs of its row only, so that every point of it is a mean over the same seeds.
     curves = {}
-    for row in ROWS:
+    for row in [row for row in ROWS if row.every_seed]:  # the rows with a curve
         finished = [runs[row.flags, s] for s in seeds if set(runs.get((row.flags, s), {})) == set(row.points)]
-        if row.every_seed and finished:
+        if finished:
             curves[f"{row.name}, {len(finished)} seed(s)"] = {
                 teacher_evaluations(p, row.substeps): [run[p] for run in finished] for p in row.points}
     if curves:

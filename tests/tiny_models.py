@@ -5,6 +5,8 @@ import torch
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from datasets import write_folder_dataset
+
 from unet import UNet, UNetConfig, make_student, save_unet
 from vae import VAE, VAEConfig, save_vae
 
@@ -84,7 +86,6 @@ def write_tiny_sd15_with_student(root):
 def write_tiny_run(root, *extra_flags) -> tuple:
     """root/sd15 (write_tiny_sd15) and root/data (16 images of 40 px): (model, data, the train.py flags of a quick
     run on them, TINY_RUN with no DataLoader workers, plus extra_flags)."""
-    from datasets import write_folder_dataset
     write_tiny_sd15(root / "sd15")
     data = write_folder_dataset(root / "data", n=16, size=40)
     return root / "sd15", data, ["--model", str(root / "sd15"), "--data", str(data), *TINY_RUN, "--num-workers", "0",
