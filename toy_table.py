@@ -183,6 +183,7 @@ def plot_tradeoff(curves: dict, path: Path) -> None:
                  f"step {BUDGET_STEPS}; mean over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    plt.close(fig)  # the study rewrites the plot after every run
 
 
 def report(rows: list, seeds: list[int], teacher: tuple, runs: dict) -> str:

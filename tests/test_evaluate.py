@@ -204,10 +204,12 @@ def test_the_study_trains_in_stages_and_scores_each_point(tmp_path, monkeypatch)
 
 def test_the_tradeoff_plot_is_written(tmp_path):
     """toy_table.plot_tradeoff draws one line per row from {row: {teacher evaluations: [per-seed scores]}} into a
-    PNG."""
+    PNG, and closes its figure (the study redraws the plot after every run)."""
+    import matplotlib.pyplot as plt
     scores = lambda fd: {n: {"fd": fd * n} for n in toy_table.STUDENT_STEPS}  # noqa: E731
     curves = {"CD": {9600: [scores(600), scores(620)], 19200: [scores(400), scores(410)]},
               "SCott": {9600: [scores(650)]}}
     toy_table.plot_tradeoff(curves, tmp_path / "tradeoff.png")
     from PIL import Image
     assert Image.open(tmp_path / "tradeoff.png").size == (1200, 900)
+    assert plt.get_fignums() == []
