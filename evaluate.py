@@ -1,6 +1,6 @@
 """Toy-world metrics: prompt-following accuracy, a Fréchet distance and coverage / density, from a small classifier.
 
-The toy world (toy.py) knows the truth of every image it makes, so a small CNN trained on its generator can read a
+The toy world (toyworld/toy.py) knows the truth of every image it makes, so a small CNN trained on its generator can read a
 generated image's shape, colour, pattern and position back, and its penultimate features give a feature space in
 which to compare distributions (an FID with this classifier in place of Inception):
   - prompt accuracy: per attribute, the fraction of images whose predicted value matches the prompt, over the prompts
@@ -19,7 +19,7 @@ which to compare distributions (an FID with this classifier in place of Inceptio
     python evaluate.py train-classifier                       # ~2 min on CPU -> toy/classifier.safetensors
     python evaluate.py --model toy/ --teacher-steps 50 --sampler ddim               # the teacher's row
     python evaluate.py --model toy/ --student toy/student --steps 1 2 4              # the student's rows
-    python toy_table.py                       # the README's table: distils under each setting, scores with this file
+    python -m toyworld.study                       # the README's table: distils under each setting, scores with this file
 """
 import argparse
 import json
@@ -34,13 +34,13 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import coco
-import fid
+from metrics import coco
+from metrics import fid
 from checkpoint import atomic_write
 from sample import generate  # the project's sampler: teacher DDIM/DDPM + CFG, or a student's consistency steps
 from sd15 import TOY_FOLDER, load_sd15
 from sde_solver import NoiseSchedule
-from toy import (ATTRIBUTES, OPEN, VALUES, all_prompts, fill_open, labels_to_prompts, make_toy_batch, parse_prompt,
+from toyworld.toy import (ATTRIBUTES, OPEN, VALUES, all_prompts, fill_open, labels_to_prompts, make_toy_batch, parse_prompt,
                  prompts_to_labels, render)
 from unet import load_unet
 
@@ -186,7 +186,7 @@ def frechet_distance(images: torch.Tensor, reference_images: torch.Tensor,
 
 
 def features_frechet(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Fréchet distance between Gaussians fitted to two feature sets (N, F) and (M, F) (fid.py's, as for FID)."""
+    """Fréchet distance between Gaussians fitted to two feature sets (N, F) and (M, F) (metrics/fid.py's, as for FID)."""
     return fid.frechet_distance(fid.feature_stats(a), fid.feature_stats(b))
 
 
@@ -276,7 +276,7 @@ def sample_images(bundle, unet, schedule, prompts, steps, guidance, size, seed, 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if "--coco" in argv:  # SD1.5 on MS-COCO: FID and CLIP score (coco.py)
+    if "--coco" in argv:  # SD1.5 on MS-COCO: FID and CLIP score (metrics/coco.py)
         return coco.main(argv)
     if argv[:1] == ["train-classifier"]:
         p = argparse.ArgumentParser(prog="evaluate.py train-classifier", description="train the toy classifier")

@@ -20,8 +20,8 @@ from sde_solver import NoiseSchedule
 from unet import UNet, load_unet
 from vae import VAE, IdentityVAE, load_vae
 
-# The shipped toy model (written by toy.py, the default model of sample.py, train.py and evaluate.py). It lives here,
-# beside the loader that reads it, because toy.py itself uses sample.py's grid writer.
+# The shipped toy model (written by toyworld/toy.py, the default model of sample.py, train.py and evaluate.py). It lives here,
+# beside the loader that reads it, because toyworld/toy.py itself uses sample.py's grid writer.
 TOY_FOLDER = Path(__file__).resolve().parent / "toy"
 
 # CLIP ViT-L/14 text tower as SD1.5 uses it (its text_encoder/config.json): output (B, 77, 768).

@@ -50,7 +50,7 @@ from run_folder import (compare_configs, describe_run, find_resume, list_checkpo
 from sample import generate, save_grid
 from sd15 import SD15, TOY_FOLDER, load_sd15
 from sde_solver import NoiseSchedule
-from toy import SAMPLE_PROMPTS as TOY_PROMPTS, TRAINING_OVERRIDES as TOY_OVERRIDES, is_toy_model, make_toy_loader
+from toyworld.toy import SAMPLE_PROMPTS as TOY_PROMPTS, TRAINING_OVERRIDES as TOY_OVERRIDES, is_toy_model, make_toy_loader
 from unet import UNet, make_student
 
 
@@ -449,7 +449,7 @@ def train_step(models: Models, opt, d_opt, micro_batches, cfg: TrainConfig, cons
                renoise: bool, generator: torch.Generator, autocast, step: int = 0) -> StepStats:
     """Optimisation step `step` (0-based) of SCott on `micro_batches` [(z0, c), ...]: the student's step (skipped on
     every rank if any rank saw a non-finite loss or gradient; no adversarial term in the first --d-warmup steps),
-    D's step, then the EMA update of the target. The trainer's loop, the tests and bench.py all run exactly this."""
+    D's step, then the EMA update of the target. The trainer's loop, the tests and tools/bench.py all run exactly this."""
     loss_cd, loss_g, adv_weight, fakes = student_backward(models, micro_batches, cfg, consistency, renoise, generator,
                                                           autocast, adversarial=step >= cfg.d_warmup)
     grad_norm = torch.nn.utils.clip_grad_norm_(models.student.parameters(), cfg.grad_clip)

@@ -72,7 +72,7 @@ class UNetConfig:
 
     @classmethod
     def toy(cls):
-        """The pixel-space teacher of the 32×32 RGB toy world (toy.py): four levels 32→16→8→4 px, thin at full
+        """The pixel-space teacher of the 32×32 RGB toy world (toyworld/toy.py): four levels 32→16→8→4 px, thin at full
         resolution (a CPU step's cost is mostly the 32×32 convolutions), text attention only at 8×8 and 4×4.
         ~1.7M parameters, so teacher training and distillation fit in minutes on a 2-core CPU."""
         return cls(in_channels=3, out_channels=3, block_channels=(16, 32, 64, 64), layers_per_block=1,

@@ -1,12 +1,12 @@
-"""bench.py and gpu_check.py stay runnable on CPU: every bench row on tiny shapes through the trainer's own step,
+"""tools/bench.py and tools/gpu_check.py stay runnable on CPU: every bench row on tiny shapes through the trainer's own step,
 gpu_check's argument parsing, and its in-process checks as a dry run."""
 import json
 
 import pytest
 import torch
 
-import bench
-import gpu_check
+from tools import bench
+from tools import gpu_check
 import train
 
 

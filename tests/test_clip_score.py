@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from clip_score import ClipScorer, summarize
+from metrics.clip_score import ClipScorer, summarize
 from tiny_eval_models import write_tiny_clip
 
 

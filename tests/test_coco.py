@@ -6,7 +6,7 @@ import json
 import pytest
 from PIL import Image
 
-import coco
+from metrics import coco
 import evaluate
 from tiny_eval_models import write_tiny_clip, write_tiny_coco, write_tiny_inception
 from tiny_models import write_tiny_sd15
@@ -118,7 +118,7 @@ def test_bad_inputs_fail_early_and_clearly(world, tmp_path):
 
 
 def test_reference_cache_from_another_protocol_is_refused(world, tmp_path):
-    from inception import InceptionConfig, load_inception
+    from metrics.inception import InceptionConfig, load_inception
     net = load_inception(world["inception"], config=InceptionConfig(width_divisor=8))
     cache = tmp_path / "ref.safetensors"
     small = coco.Protocol("coco2017-5k", "val2017", 2, "first", 32)

@@ -9,11 +9,9 @@ import torch
 import torch.nn.functional as F
 
 import evaluate
-import fid
-import toy
-import toy_table
-
-
+from metrics import fid
+from toyworld import toy
+from toyworld import study
 @pytest.fixture(scope="module")
 def classifier():
     assert evaluate.CLASSIFIER_PATH.is_file(), "toy/classifier.safetensors is missing: run `python evaluate.py " \
@@ -26,7 +24,7 @@ def prompts():
     return toy.all_prompts()  # 480: every prompt once, evaluate.py's default
 
 
-# ---- the feature metrics (fid.py's, tested against their definitions and oracles in tests/test_fid.py) ----------
+# ---- the feature metrics (metrics/fid.py's, tested against their definitions and oracles in tests/test_fid.py) ----------
 
 def test_features_frechet_is_fids_and_needs_two_samples():
     g = torch.Generator().manual_seed(0)
@@ -126,90 +124,90 @@ def test_train_save_load_round_trip(tmp_path):
 
 def test_command_line_scores_the_shipped_models(tmp_path, capsys):
     """The commands the README tables come from, at their smallest: the data row, a 1-step teacher row and a 1-step
-    student row, printed and written as JSON; toy_table.py reads that JSON back into its table."""
+    student row, printed and written as JSON; study.py reads that JSON back into its table."""
     for who, flags in {"teacher": ["--teacher-steps", "1"], "student": ["--student", "toy/student", "--steps", "1"]}.items():
         evaluate.main([*flags, "--json", str(tmp_path / f"{who}.json")])
     out = capsys.readouterr().out
     rows = json.loads((tmp_path / "student.json").read_text())
-    assert [row["steps"] for row in rows] == [None, 1]  # toy_table reads the step count, not the row's label
+    assert [row["steps"] for row in rows] == [None, 1]  # study reads the step count, not the row's label
     assert "| data (fresh synthetic)" in out and "| teacher ddim 1 steps" in out and "| student 1 step(s)" in out
-    teacher, data = toy_table.score(tmp_path / "teacher.json", ["--never-run"], threads=1)  # reads the JSON
-    student, _ = toy_table.score(tmp_path / "student.json", ["--never-run"], threads=1)
+    teacher, data = study.score(tmp_path / "teacher.json", ["--never-run"], threads=1)  # reads the JSON
+    student, _ = study.score(tmp_path / "student.json", ["--never-run"], threads=1)
     assert data["acc_all"] >= 0.99 and set(teacher) == {1} and set(student) == {1}
     for scores in (teacher[1], student[1]):
         assert set(scores) == {*(f"acc_{a}" for a in (*toy.ATTRIBUTES, "all")), "fd", "coverage", "density"}
         assert 0 <= scores["acc_all"] <= 1 and scores["fd"] > data["fd"]
-    row = toy_table.table_row("x", [{n: student[1] for n in toy_table.STUDENT_STEPS}] * 2)
+    row = study.table_row("x", [{n: student[1] for n in study.STUDENT_STEPS}] * 2)
     assert row.startswith("| x | 2 | ") and row.count(" ± 0.0") == 9
 
 
 def test_study_points_curves_for_every_seed_rows_and_the_two_comparisons_for_the_rest():
     """A row run with every seed is scored along its budget (its trade-off curve) and at both comparison points;
     a single-seed row only at BUDGET_STEPS (equal optimiser steps) and at its end (equal teacher budget)."""
-    b = toy_table.BUDGET_STEPS
+    b = study.BUDGET_STEPS
     for h in (1, 3):
-        curve = toy_table.Row("x", "", substeps=h, every_seed=True).points
-        single = toy_table.Row("x", "", substeps=h, every_seed=False).points
-        assert curve == sorted({3 * b // h * (i + 1) // toy_table.POINTS for i in range(toy_table.POINTS)} | {b})
+        curve = study.Row("x", "", substeps=h, every_seed=True).points
+        single = study.Row("x", "", substeps=h, every_seed=False).points
+        assert curve == sorted({3 * b // h * (i + 1) // study.POINTS for i in range(study.POINTS)} | {b})
         assert single == sorted({b, 3 * b // h}) and set(single) <= set(curve)
 
 
 def test_study_rows_option_runs_only_the_named_rows_first_seed_first(tmp_path, monkeypatch):
-    """`toy_table.py --rows A B --seeds 0 1` trains exactly A's and B's runs, seed 0 of both before seed 1 (a
+    """`study.py --rows A B --seeds 0 1` trains exactly A's and B's runs, seed 0 of both before seed 1 (a
     single-seed row only with the first seed), and nothing else."""
     scores = {"acc_all": 1.0, "fd": 1.0, "coverage": 1.0}
     (tmp_path / "teacher").mkdir()
     (tmp_path / "teacher" / "scores.json").write_text(json.dumps([{"scores": scores}, {"steps": 1, "scores": scores}]))
     started = []
-    monkeypatch.setattr(toy_table, "train_and_score", lambda row, folder, seed, threads: started.append(
+    monkeypatch.setattr(study, "train_and_score", lambda row, folder, seed, threads: started.append(
         (row.name, seed, folder.relative_to(tmp_path).as_posix())) or {})
-    main_row, single_row = toy_table.ROWS[3], toy_table.ROWS[-1]
+    main_row, single_row = study.ROWS[3], study.ROWS[-1]
     assert main_row.every_seed and not single_row.every_seed
-    toy_table.main(["--out", str(tmp_path), "--seeds", "0", "1", "--jobs", "1",
+    study.main(["--out", str(tmp_path), "--seeds", "0", "1", "--jobs", "1",
                     "--rows", single_row.name, main_row.name])
-    assert started == [(main_row.name, 0, f"{toy_table.slug(main_row.flags)}/seed-0"),
-                       (single_row.name, 0, f"{toy_table.slug(single_row.flags)}/seed-0"),
-                       (main_row.name, 1, f"{toy_table.slug(main_row.flags)}/seed-1")]
+    assert started == [(main_row.name, 0, f"{study.slug(main_row.flags)}/seed-0"),
+                       (single_row.name, 0, f"{study.slug(single_row.flags)}/seed-0"),
+                       (main_row.name, 1, f"{study.slug(main_row.flags)}/seed-1")]
 
 
 @pytest.mark.slow
 def test_the_study_trains_in_stages_and_scores_each_point(tmp_path, monkeypatch):
-    """toy_table.py's run of one row, shrunk (a budget of 2 steps at h = 3, so 6 at h = 1, scored at 2 steps, the
+    """study.py's run of one row, shrunk (a budget of 2 steps at h = 3, so 6 at h = 1, scored at 2 steps, the
     equal-optimiser-steps point, and at 6): train.py stops at each point with a checkpoint, evaluate.py scores it,
     the next stage resumes; a second call finds everything done and runs nothing; with only the scores kept (as in
     git) the unscored point is retrained from the start to the same scores; the report has the row in both tables,
     with the teacher-evaluation count of the budget."""
-    monkeypatch.setattr(toy_table, "BUDGET_STEPS", 2)
-    monkeypatch.setattr(toy_table, "POINTS", 1)
-    monkeypatch.setattr(toy_table, "STUDENT_STEPS", (1,))  # one sampling step keeps the scoring quick
-    row = toy_table.Row("CD", "--eta 0 --substeps 1 --adv-weight 0 --log-every 1", substeps=1, every_seed=True)
+    monkeypatch.setattr(study, "BUDGET_STEPS", 2)
+    monkeypatch.setattr(study, "POINTS", 1)
+    monkeypatch.setattr(study, "STUDENT_STEPS", (1,))  # one sampling step keeps the scoring quick
+    row = study.Row("CD", "--eta 0 --substeps 1 --adv-weight 0 --log-every 1", substeps=1, every_seed=True)
     assert (row.steps, row.points) == (6, [2, 6])
-    curve = toy_table.train_and_score(row, tmp_path / "run", seed=0, threads=1)
+    curve = study.train_and_score(row, tmp_path / "run", seed=0, threads=1)
     assert set(curve) == {2, 6} and all(set(c) == {1} for c in curve.values())
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "step" in r and "loss_cd" in r] == [1, 2, 3, 4, 5, 6]
-    run = toy_table.run
-    monkeypatch.setattr(toy_table, "run", lambda *a: pytest.fail("a finished run was started again"))
-    assert toy_table.train_and_score(row, tmp_path / "run", seed=0, threads=1) == curve
+    run = study.run
+    monkeypatch.setattr(study, "run", lambda *a: pytest.fail("a finished run was started again"))
+    assert study.train_and_score(row, tmp_path / "run", seed=0, threads=1) == curve
     # What git keeps of a run (scores, not checkpoints or logs): the missing point is retrained from step 0, exactly.
     for path in [*(tmp_path / "run").glob("step-*"), tmp_path / "run" / "latest", tmp_path / "run" / "log.jsonl",
                  tmp_path / "run" / "scores-0000006.json"]:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
-    monkeypatch.setattr(toy_table, "run", run)
-    assert toy_table.train_and_score(row, tmp_path / "run", seed=0, threads=1) == curve
+    monkeypatch.setattr(study, "run", run)
+    assert study.train_and_score(row, tmp_path / "run", seed=0, threads=1) == curve
     teacher = ({1: curve[2][1]}, curve[2][1])
-    text = toy_table.report([row], [0], teacher, {(row.flags, 0): curve})
+    text = study.report([row], [0], teacher, {(row.flags, 0): curve})
     assert text.count("| CD | 1 |") == 2 and "Equal teacher budget (0.2K teacher UNet evaluations" in text
 
 
 def test_the_tradeoff_plot_is_written(tmp_path):
-    """toy_table.plot_tradeoff draws one line per row from {row: {teacher evaluations: [per-seed scores]}} into a
+    """study.plot_tradeoff draws one line per row from {row: {teacher evaluations: [per-seed scores]}} into a
     PNG, and closes its figure (the study redraws the plot after every run)."""
     import matplotlib.pyplot as plt
-    scores = lambda fd: {n: {"fd": fd * n} for n in toy_table.STUDENT_STEPS}  # noqa: E731
+    scores = lambda fd: {n: {"fd": fd * n} for n in study.STUDENT_STEPS}  # noqa: E731
     curves = {"CD": {9600: [scores(600), scores(620)], 19200: [scores(400), scores(410)]},
               "SCott": {9600: [scores(650)]}}
-    toy_table.plot_tradeoff(curves, tmp_path / "tradeoff.png")
+    study.plot_tradeoff(curves, tmp_path / "tradeoff.png")
     from PIL import Image
     assert Image.open(tmp_path / "tradeoff.png").size == (1200, 900)
     assert plt.get_fignums() == []

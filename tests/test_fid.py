@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from fid import GaussianStats, density_coverage, feature_stats, frechet_distance
+from metrics.fid import GaussianStats, density_coverage, feature_stats, frechet_distance
 
 
 def _sets(n=300, m=250, f=16, seed=0):

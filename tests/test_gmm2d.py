@@ -1,12 +1,12 @@
-"""gmm2d.py: the mixture's closed-form ε is the true −√(1 − ᾱ) ∇log p_t, its sampler is right, the conditional critic
+"""toyworld/gmm2d.py: the mixture's closed-form ε is the true −√(1 − ᾱ) ∇log p_t, its sampler is right, the conditional critic
 learns, the adaptive λ is VQGAN's formula, and the experiment runs end to end through the trainer's own loss and
 sampler."""
 import torch
 
-import gmm2d
+from toyworld import gmm2d
 from consistency import ConsistencyConfig, scott_loss
 from discriminator import g_hinge_loss
-from gmm2d import (AdversarialConfig, ExperimentConfig, GaussianMixture, MLPDiscriminator, MLPStudent,
+from toyworld.gmm2d import (AdversarialConfig, ExperimentConfig, GaussianMixture, MLPDiscriminator, MLPStudent,
                    discriminator_step, sliced_wasserstein, student_objective)
 from sde_solver import NoiseSchedule
 

@@ -6,7 +6,7 @@ from safetensors.torch import save_file
 
 from checkpoint import CheckpointError
 from fid_oracle import random_fid_inception
-from inception import FIDInception, InceptionConfig, load_inception
+from metrics.inception import FIDInception, InceptionConfig, load_inception
 
 
 @pytest.fixture(scope="module")

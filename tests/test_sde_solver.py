@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from gmm2d import GaussianMixture
+from toyworld.gmm2d import GaussianMixture
 from sde_solver import (NoiseSchedule, cfg_eps, ddim_eta_step, generator_noise, sample_teacher, teacher_timesteps,
                         teacher_transition, transition_std)
 

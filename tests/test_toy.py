@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import evaluate
-import toy
+from toyworld import toy
 from sd15 import load_sd15
 from sde_solver import NoiseSchedule, sample_teacher, teacher_timesteps
 
@@ -201,8 +201,8 @@ def test_written_folder_loads_with_load_sd15_and_matches_what_was_written(tmp_pa
 
 
 def test_shipped_teacher_loads_and_samples_images():
-    """toy/ is part of the repository (regenerate with `python toy.py train-teacher`); it must load like SD1.5."""
-    assert (SHIPPED / "model_index.json").is_file(), f"{SHIPPED} is missing: run `python toy.py train-teacher`"
+    """toy/ is part of the repository (regenerate with `python -m toyworld.toy train-teacher`); it must load like SD1.5."""
+    assert (SHIPPED / "model_index.json").is_file(), f"{SHIPPED} is missing: run `python -m toyworld.toy train-teacher`"
     bundle = load_sd15(SHIPPED)
     assert bundle.unet.config.in_channels == 3 and bundle.unet.config.cross_attention_dim == \
         bundle.text_encoder.config.hidden_size
@@ -245,7 +245,7 @@ def test_shipped_student_follows_prompts_in_two_steps():
 
 
 def test_teacher_training_resumes_exactly_from_its_state_file(tmp_path, monkeypatch):
-    """An interrupted `toy.py train-teacher` continues from its last save as if never stopped: weights, EMA,
+    """An interrupted `toyworld/toy.py train-teacher` continues from its last save as if never stopped: weights, EMA,
     optimiser, random generator and data position are all in the state file; other settings are refused."""
     cfg = toy.TeacherConfig(steps=4, batch_size=2, warmup=1, save_every=2, log_every=1)
     toy.train_teacher(cfg, tmp_path / "straight", tmp_path / "straight.pt")

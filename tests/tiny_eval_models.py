@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
 
-from clip_score import _ImageProcessor
-from inception import FIDInception, InceptionConfig
+from metrics.clip_score import _ImageProcessor
+from metrics.inception import FIDInception, InceptionConfig
 from tiny_models import write_tokenizer
 
 

@@ -13,8 +13,8 @@ Protocols (--protocol):
                set: those 30,000 JPEGs. Evaluation at 256 px.
 Resize chain, both protocols: a reference JPEG is centre-cropped to a square (PIL) and resized to the evaluation size
 with PIL bicubic; a generated PNG (lossless, at the model's resolution) is resized to the evaluation size with PIL
-bicubic if it differs. Both are then uint8 RGB -> FID Inception (inception.py: bilinear to 299, pytorch-fid's chain).
-CLIP score is computed on the generated PNG at full resolution (clip_score.py).
+bicubic if it differs. Both are then uint8 RGB -> FID Inception (metrics/inception.py: bilinear to 299, pytorch-fid's chain).
+CLIP score is computed on the generated PNG at full resolution (metrics/clip_score.py).
 
 Files under --out: images/<setting>/<index>.png (index = position in the protocol's caption list; seed of caption
 i = --seed + i), images/<setting>/setting.json, reference-<protocol>-<n>.safetensors (reference features, cached once,
@@ -38,9 +38,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from checkpoint import atomic_write
-from clip_score import DEFAULT_CLIP, ClipScorer, summarize
-from fid import density_coverage, feature_stats, frechet_distance
-from inception import InceptionConfig, load_inception, sha256_of
+from metrics.clip_score import DEFAULT_CLIP, ClipScorer, summarize
+from metrics.fid import density_coverage, feature_stats, frechet_distance
+from metrics.inception import InceptionConfig, load_inception, sha256_of
 from sample import generate
 from sd15 import load_sd15
 from sde_solver import NoiseSchedule

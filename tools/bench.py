@@ -1,8 +1,8 @@
 """Speed and memory of scott's UNet, training step and sampler, side by side with diffusers' on the same weights.
 
-    python bench.py                                    # one GPU, SD1.5 shapes (random weights), every row, eager
-    python bench.py --compile --channels-last          # the same with the optimisations on
-    python bench.py --device cpu --tiny                # tiny shapes on CPU: keeps this file working in CI
+    python -m tools.bench                                    # one GPU, SD1.5 shapes (random weights), every row, eager
+    python -m tools.bench --compile --channels-last          # the same with the optimisations on
+    python -m tools.bench --device cpu --tiny                # tiny shapes on CPU: keeps this file working in CI
 
 Rows (each the median of --repeats timed runs after --warmup untimed ones, with peak memory):
   unet    one UNet forward at B = 1, 8, 32 on 64×64 latents (512 px) and B = 1 at 128×128 (1024 px)
@@ -39,13 +39,13 @@ from discriminator import DiscriminatorConfig
 from sample import generate
 from sd15 import load_sd15
 from sde_solver import NoiseSchedule
-from toy import build_tokenizer
+from toyworld.toy import build_tokenizer
 from unet import UNet, UNetConfig, guidance_embedding, make_student, save_unet
 from vae import VAE, VAEConfig, save_vae
 
 try:
     import diffusers
-except ImportError:  # bench.py runs without it: diffusers' rows are then left out
+except ImportError:  # tools/bench.py runs without it: diffusers' rows are then left out
     diffusers = None
 
 SDPA_BACKENDS = {"auto": None, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,

@@ -1,8 +1,8 @@
 """Everything a GPU must prove about scott, in one command of a few minutes: one PASS/FAIL line per check.
 
-    python gpu_check.py                              # every check, on the first GPU
-    python gpu_check.py --only precision,resume      # some of them
-    python gpu_check.py --device cpu --tiny          # the same code on CPU and tiny shapes (a dry run)
+    python -m tools.gpu_check                              # every check, on the first GPU
+    python -m tools.gpu_check --only precision,resume      # some of them
+    python -m tools.gpu_check --device cpu --tiny          # the same code on CPU and tiny shapes (a dry run)
 
 Checks (SD1.5 shapes use random weights; the trainer checks run the shipped toy model through train.py):
   precision   our bf16 UNet vs our fp32 vs diffusers' bf16 on the same weights (fp32 without TF32 as reference)
@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from bench import diffusers, diffusers_unet, write_random_sd15
+from tools.bench import diffusers, diffusers_unet, write_random_sd15
 from consistency import ConsistencyConfig
 from discriminator import DiscriminatorConfig
 from sample import generate
@@ -38,7 +38,7 @@ from sd15 import load_sd15
 from sde_solver import NoiseSchedule
 from unet import make_student
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent  # the repository root
 CHECKS = ("precision", "torchrun", "resume", "sigterm", "memory", "sampler", "compile")  # compile last: the slowest
 
 

@@ -14,8 +14,8 @@ Nobody needs to download SD1.5 to watch SCott work: the toy world has the same p
     train_teacher) on SD1.5's own noise schedule, in pixel space (sd15.py's IdentityVAE stands in for the VAE),
     shipped in toy/ in the diffusers layout so `sd15.load_sd15("toy")` loads it like SD1.5.
 
-    python toy.py train-teacher --out toy/      # regenerates the teacher in toy/ (resumable: see --state)
-    python toy.py show --out toy_data.png        # a grid of training images
+    python -m toyworld.toy train-teacher --out toy/      # regenerates the teacher in toy/ (resumable: see --state)
+    python -m toyworld.toy show --out toy_data.png        # a grid of training images
 """
 import argparse
 import copy
@@ -292,7 +292,7 @@ def write_toy_folder(out, unet, text_encoder, tokenizer) -> None:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     index = {"_class_name": "ScottToyPipeline", "pixel_space": True,
-             "_comment": "the scott toy world (toy.py): 32x32 RGB pixel space, no VAE; load with sd15.load_sd15"}
+             "_comment": "the scott toy world (toyworld/toy.py): 32x32 RGB pixel space, no VAE; load with sd15.load_sd15"}
     scheduler = {"_class_name": "DDPMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085,
                  "beta_end": 0.012, "num_train_timesteps": 1000, "prediction_type": "epsilon"}  # SD1.5's schedule
     _swap_in(out / "scheduler", lambda d: (d / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2)))

@@ -1,8 +1,8 @@
 """SCott vs vanilla consistency distillation on a 2-D Gaussian mixture whose teacher is exact.
 
-    python gmm2d.py                 # the README table: 3 seeds, a few minutes on 2 CPU cores
-    python gmm2d.py --quick         # a smoke run: 1 seed, fewer steps, fewer configurations (< 1 min)
-    python gmm2d.py --out gmm2d.md  # also write the markdown table to a file
+    python -m toyworld.gmm2d                 # the README table: 3 seeds, a few minutes on 2 CPU cores
+    python -m toyworld.gmm2d --quick         # a smoke run: 1 seed, fewer steps, fewer configurations (< 1 min)
+    python -m toyworld.gmm2d --out gmm2d.md  # also write the markdown table to a file
 
 The data is a known mixture of 8 Gaussians in two classes. Under SD1.5's own VP schedule each component stays
 Gaussian, N(√ᾱ μ_k, ᾱ Σ_k + (1 − ᾱ) I), so the teacher's ε(x_t, t, c) = −√(1 − ᾱ) ∇ log p_t(x_t | c) is closed-form:

@@ -1,8 +1,8 @@
 """The toy-world study: distil the shipped toy teacher under each setting, score the students along training.
 
-    python toy_table.py                                  # every run (hours on a 2-core CPU; resumable)
-    python toy_table.py --seeds 0 --jobs 2               # one seed of every row
-    python toy_table.py --rows "CD (η=0, h=1)" --jobs 1  # one row (every seed); --help lists the names
+    python -m toyworld.study                                  # every run (hours on a 2-core CPU; resumable)
+    python -m toyworld.study --seeds 0 --jobs 2               # one seed of every row
+    python -m toyworld.study --rows "CD (η=0, h=1)" --jobs 1  # one row (every seed); --help lists the names
 
 Each run is `python train.py --seed s <the row's flags>` (on top of the toy defaults: batch 16, lr 1e-4, ω ∈ [2, 6],
 k = 24) into OUT/<flags>/seed-s. Every run gets the same teacher budget, BUDGET_STEPS optimisation steps at h = 3
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import run_folder
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent.parent  # the repository root: train.py and evaluate.py run from there
 BUDGET_STEPS = 400          # optimisation steps of an h = 3 run; an h-sub-step run gets 3 / h times as many
 POINTS = 4                  # scored points along each run, evenly spaced in teacher evaluations
 BATCH = 16                  # the toy's global batch (toy.TRAINING_OVERRIDES)
@@ -262,7 +262,7 @@ def main(argv=None):
                 future.result()
                 write_results(out, order, args.seeds, teacher.result())  # rewritten as each run finishes
     if not teacher_file.is_file():
-        raise SystemExit(f"{teacher_file} is missing: run `python toy_table.py --out {args.out}` (it scores the "
+        raise SystemExit(f"{teacher_file} is missing: run `python -m toyworld.study --out {args.out}` (it scores the "
                          f"teacher first).")
     print(write_results(out, order, args.seeds, read_scores(teacher_file)))
     print(f"wall time {(time.time() - t0) / 60:.1f} min; runs, logs, table.md and tradeoff.png in {out}")
