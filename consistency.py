@@ -14,48 +14,48 @@ from dataclasses import dataclass
 
 import torch
 
-from sde_solver import (NOISE_KINDS, NoiseSampler, NoiseSchedule, check_eta, check_substeps, check_timesteps,
-                        draw_noise, randn_like, teacher_transition)
+from config import check_settings, setting
+from sde_solver import (NOISE_KINDS, NoiseSampler, NoiseSchedule, check_timesteps, draw_noise, randn_like,
+                        teacher_transition)
 
 
 @dataclass
 class ConsistencyConfig:
-    k: int = 24                    # t_m = t_n − k, in DDPM timesteps (paper: 24)
-    substeps: int = 3              # h, teacher sub-steps inside one interval, k/h timesteps each (paper: 3)
-    eta: float = 0.1               # DDIM-η noise strength of the teacher transition; 0 = vanilla CD (LCM). The paper
-                                   # ablates {0, 0.1, 0.2, 0.3, 0.6} and does not say which it ships. 0.1: in our 2-D
-                                   # experiment and toy study (README) η = 0.3 was never better than 0.1, and worse at
-                                   # 1 step (2-D, ω = 2) and along h = 1 training (toy); 0.1 tied CD in both
-    noise_kind: str = "ddim"       # "ddim" (DDIM-η) or "er_sde" (ER-SDE power noise scale), sde_solver.transition_std
-    w_min: float = 6.0             # guidance ω ~ U[w_min, w_max] per sample, in the CFG form ε_u + ω (ε_c − ε_u).
-    w_max: float = 16.0            # The paper gives no range: this is LCM's w ∈ [5, 15] (ω = w + 1), known to work
-    timestep_sampling: str = "uniform"  # "uniform": t_n ~ U{k, …, 999}; "grid": t_n ∈ {999, 999 − k, …} ≥ k
-                                   # (uniform is the default because sampler timesteps 499, 259… are on no k=24 grid)
-    loss: str = "l2"               # "l2" (paper) or "huber" (pseudo-Huber, LCM's option)
-    huber_c: float = 0.001         # pseudo-Huber constant (LCM)
-    ema_decay: float = 0.95        # target θ⁻ ← μ θ⁻ + (1 − μ) θ (LCM); 0 = the online network is the target
-    timestep_scaling: float = 10.0 # boundary scalings use s = 10·t (LCM); the student records it (make_student)
-    sigma_data: float = 0.5        # σ_data of the boundary scalings (LCM); recorded likewise
-    w_embed_dim: int = 256         # size of the sinusoidal ω embedding (LCM's time_cond_proj_dim)
+    k: int = setting(24, "t_n − t_m, the interval the teacher spans, in DDPM timesteps (paper: 24)",
+                     at_least=1, at_most=999)
+    substeps: int = setting(3, "h, the teacher's DDIM-η sub-steps inside one interval, k/h timesteps each "
+                               "(paper: 3)", at_least=1)
+    # The paper ablates η ∈ {0, 0.1, 0.2, 0.3, 0.6} and does not say which it ships. 0.1: in our 2-D experiment and
+    # toy study (docs/toy-study.md) η = 0.3 was never better than 0.1, and worse at 1 step; 0.1 tied CD in both.
+    eta: float = setting(0.1, "η, the noise strength of the teacher's transition; 0 = vanilla CD (LCM), 1 = DDPM",
+                         at_least=0.0, at_most=1.0)
+    noise_kind: str = setting("ddim", "how η sets the sub-step noise: ddim (DDIM-η) or er_sde (ER-SDE power "
+                                      "scale), sde_solver.transition_std", choices=NOISE_KINDS)
+    # The paper gives no ω range: [6, 16] is LCM's w ∈ [5, 15] (ω = w + 1), known to work.
+    w_min: float = setting(6.0, "guidance ω ~ U[w_min, w_max] per sample, CFG form ε_u + ω (ε_c − ε_u)",
+                           lora_student=3.0)
+    w_max: float = setting(16.0, "upper end of the guidance range", lora_student=15.0)
+    # uniform is the default because sampler timesteps 499, 259… are on no k = 24 grid.
+    timestep_sampling: str = setting("uniform", "uniform: t_n ~ U{k, …, 999}; grid: t_n ∈ {999, 999 − k, …} ≥ k",
+                                     choices=("uniform", "grid"))
+    loss: str = setting("l2", "the consistency distance: l2 (paper) or huber (pseudo-Huber, LCM's option)",
+                        choices=("l2", "huber"))
+    huber_c: float = setting(0.001, "the pseudo-Huber constant c (LCM)", above=0.0)
+    ema_decay: float = setting(0.95, "μ of the target's EMA θ⁻ ← μ θ⁻ + (1 − μ) θ (LCM); 0 = the online network",
+                               at_least=0.0, below=1.0)
+    timestep_scaling: float = setting(10.0, "s of the boundary scalings c_skip, c_out at s·t (LCM); recorded in "
+                                            "the student", above=0.0)
+    sigma_data: float = setting(0.5, "σ_data of the boundary scalings (LCM); recorded in the student", above=0.0)
+    w_embed_dim: int = setting(256, "size of the student's sinusoidal ω embedding (LCM's time_cond_proj_dim)",
+                               at_least=1)
 
     def __post_init__(self):
-        check_substeps(self.substeps)
-        check_eta(self.eta)
-        if not (isinstance(self.k, int) and 1 <= self.k <= 999):
-            raise ValueError(f"k (t_n − t_m) must be an integer in [1, 999], got {self.k!r}.")
+        check_settings(self)
         if self.k % self.substeps:
-            raise ValueError(f"k={self.k} does not split into substeps={self.substeps} equal sub-steps: "
+            raise ValueError(f"--k {self.k} does not split into --substeps {self.substeps} equal sub-steps: "
                              f"choose k a multiple of h (paper: k=24, h=3).")
         if not self.w_min <= self.w_max:
-            raise ValueError(f"need w_min ≤ w_max, got w_min={self.w_min}, w_max={self.w_max}.")
-        if self.noise_kind not in NOISE_KINDS:
-            raise ValueError(f"noise_kind must be one of {NOISE_KINDS}, got {self.noise_kind!r}.")
-        if self.timestep_sampling not in ("uniform", "grid"):
-            raise ValueError(f"timestep_sampling must be 'uniform' or 'grid', got {self.timestep_sampling!r}.")
-        if self.loss not in ("l2", "huber"):
-            raise ValueError(f"loss must be 'l2' or 'huber', got {self.loss!r}.")
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}.")
+            raise ValueError(f"need --w-min ≤ --w-max, got w_min={self.w_min}, w_max={self.w_max}.")
 
 
 # ---- boundary parameterisation --------------------------------------------------------------------------------

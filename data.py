@@ -41,11 +41,13 @@ import bz2
 import dataclasses
 import gzip
 import hashlib
+import importlib
 import io
 import itertools
 import json
 import lzma
 import os
+import re
 import signal
 import sys
 import tarfile
@@ -61,6 +63,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from checkpoint import atomic_write
+from config import check_settings, setting
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")  # image files/keys, in order of preference
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")  # PIL decoders tried (JPEG includes cameras' MPO)
@@ -74,13 +77,20 @@ MAX_LOGGED_SKIPS = 10                         # per reader; the rest are counted
 
 @dataclass
 class DataConfig:
-    path: str = ""              # image folder, folder of .tar shards, one .tar, or a latent cache (has manifest.json)
-    resolution: int = 512       # square training images; a multiple of 8 (the VAE downsamples 8×)
-    random_crop: bool = True    # random crop after resizing the short side; False = centre crop
-    min_size: int = 0           # skip images whose short side is below this; 0 = resolution // 2 (upscale ≤ 2×)
-    shuffle_buffer: int = 1000  # tar samples held for shuffling (webdataset-style); folders/caches are fully shuffled
-    num_workers: int = 4        # DataLoader worker processes per rank; 0 = decode in the training process
-    data_seed: int = 0          # epoch order, shuffle buffer and random crops (not `seed`: train.py has that flag)
+    path: str = ""              # train.py's --data: image folder, .tar shards, a latent cache, or MODULE:FUNCTION
+    resolution: int = setting(512, "square training images, in pixels; a multiple of 8 (the VAE downsamples 8×)",
+                              at_least=1)
+    random_crop: bool = setting(True, "random crop after resizing the short side; --no-random-crop = centre crop")
+    min_size: int = setting(0, "skip images whose short side is below this; 0 = resolution / 2 (upscale ≤ 2×)",
+                            at_least=0)
+    shuffle_buffer: int = setting(1000, "tar samples held for shuffling (folders and caches are fully shuffled)",
+                                  at_least=1)
+    num_workers: int = setting(4, "DataLoader worker processes per rank; 0 = decode in the training process",
+                               at_least=0)
+    data_seed: int = setting(0, "seed of the epoch order, the shuffle buffer and the random crops", at_least=0)
+
+    def __post_init__(self):
+        check_settings(self)
 
     @property
     def min_short_side(self) -> int:
@@ -616,14 +626,31 @@ def open_dataset(cfg: DataConfig, batch_size: int, rank: int = 0, world_size: in
     return ImageTextStream(cfg, batch_size, rank, world_size, start_batch)
 
 
-def make_loader(cfg: DataConfig, batch_size: int, rank: int = 0, world_size: int = 1, start_batch: int = 0):
+def python_source(path: str):
+    """The function a `--data MODULE:FUNCTION` names (synthetic or custom batches; the toy model's scott.toml names
+    toyworld.toy:make_toy_loader), or None when `path` is not of that form. The module is imported from the current
+    folder or the Python path; the function is called as make_loader would be called, plus `seed`."""
+    if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", path) or Path(path).exists():
+        return None
+    module, name = path.split(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise SystemExit(f"--data {path}: cannot import {name} from {module} ({e}).") from None
+
+
+def make_loader(cfg: DataConfig, batch_size: int, rank: int = 0, world_size: int = 1, start_batch: int = 0,
+                seed: int = 0):
     """An endless iterator of this rank's batches, starting at batch `start_batch` exactly as a fresh one would.
 
     Batches hold `batch_size` items (drop-last: always full): "image" (B, 3, res, res) in [-1, 1] or, from a latent
     cache, "latent" and "text_embedding"; "caption" (list of B str); "skipped" (int), the samples skipped so far on
     this rank over all its workers. The source is checked here, before any model is loaded: a wrong path or a
-    folder without images raises at once.
+    folder without images raises at once. A MODULE:FUNCTION source (python_source) gets `seed` (train.py's --seed).
     """
+    source = python_source(cfg.path)
+    if source is not None:
+        return source(batch_size, rank=rank, world_size=world_size, start_batch=start_batch, seed=seed)
     dataset = open_dataset(cfg, batch_size, rank, world_size, start_batch)
     if cfg.num_workers == 0:
         batches = iter(dataset)

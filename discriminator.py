@@ -25,15 +25,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from config import check_settings, setting
 from lora import Adapters
 
 
 @dataclass
 class DiscriminatorConfig:
-    lora_rank: int = 128        # rank of every decoder adapter; see trainable_fraction() for what it amounts to
-    lora_alpha: float = 128.0   # delta scale = alpha / rank (1.0 by default)
-    renoise: bool = False       # False: the trainer shows D clean latents at t = 0 (paper: real z0 vs fake ẑ0);
-                                # True: real and fake noised to one shared random t with shared noise
+    lora_rank: int = setting(128, "rank of D's adapters on every decoder Linear of the teacher", at_least=1)
+    lora_alpha: float = setting(128.0, "alpha of D's adapters (delta scale alpha / rank)", above=0)
+    renoise: bool = setting(False, "show D real and fake noised to one shared random t (default: clean latents at "
+                                   "t = 0, the paper's real z0 vs fake x̂0)")
+
+    def __post_init__(self):
+        check_settings(self)
 
 
 class Discriminator(nn.Module):

@@ -32,9 +32,10 @@ import torch
 from safetensors.torch import save_file
 
 from checkpoint import LDM_TEXT_PREFIX, LDM_UNET_PREFIX, LDM_VAE_PREFIX, CheckpointError, atomic_write
+from config import model_settings
 from consistency import consistency_timesteps
 from lora import ADAPTERS_FILE, load_adapters, save_kohya
-from sd15 import TOY_FOLDER, SD15, ldm_text_state_dict, load_sd15
+from sd15 import SD15, ldm_text_state_dict, load_sd15, model_path
 from sde_solver import NoiseSchedule
 from unet import UNet, bake_guidance, ldm_unet_state_dict, load_unet, save_unet
 from vae import IdentityVAE, ldm_vae_state_dict, save_vae
@@ -275,16 +276,16 @@ def export_lora(args, model: Path, out: Path) -> dict:
 
 def export(args) -> dict:
     """Run one export from parsed arguments; returns the sampler settings it recorded (also printed)."""
-    out, toy = Path(args.out), not args.model
+    out, model = Path(args.out), model_path(args.model)
     if args.lora and args.to != "lora":
         raise ExportError(f"--lora is for --to lora; --to {args.to} exports a --student UNet.")
     if args.to == "lora":
-        return export_lora(args, TOY_FOLDER if toy else Path(args.model), out)
-    model = TOY_FOLDER if toy else Path(args.model)
-    if not args.student and not toy:
+        return export_lora(args, model, out)
+    own = model_settings(model, "sample")  # the model folder's scott.toml [sample]: the toy model's student/
+    if not args.student and "student" not in own:
         raise ExportError("--student FOLDER is required with --model (the student/ folder of a train.py run, "
                           "e.g. runs/scott/step-N/student).")
-    student_path = Path(args.student) if args.student else TOY_FOLDER / "student"
+    student_path = Path(args.student) if args.student else model / own["student"]
     if args.to != "pipeline" and args.guidance is None:
         raise ExportError(f"--guidance W is required with --to {args.to}: the exported UNet has no ω input, so ω is "
                           f"baked in (e.g. 7.5 for SD1.5, 3 for the toy model).")
@@ -295,7 +296,7 @@ def export(args) -> dict:
     student = load_student(student_path)
     check_same_architecture(student, bundle.unet, student_path, model)
     bundle.unet = None  # the teacher is not exported: free it
-    guidance = args.guidance if args.guidance is not None else (3.0 if isinstance(bundle.vae, IdentityVAE) else 7.5)
+    guidance = args.guidance if args.guidance is not None else own.get("guidance", 7.5)
     settings = sampler_settings(args.steps, student, None if args.to == "pipeline" else args.guidance)
     settings |= {"scott.model": str(model), "scott.student": str(student_path)}
     dtype = DTYPES[args.dtype or ("fp16" if args.to == "single-file" else "fp32")]

@@ -19,7 +19,8 @@ from PIL import Image, PngImagePlugin
 from checkpoint import CheckpointError
 from consistency import consistency_timesteps, sample_consistency
 from lora import load_kohya, merge
-from sd15 import TOY_FOLDER, load_sd15
+from config import model_settings
+from sd15 import load_sd15, model_path
 from sde_solver import NoiseSampler, NoiseSchedule, sample_teacher, teacher_timesteps
 from unet import load_unet
 
@@ -155,7 +156,8 @@ def main(argv=None):
     p.add_argument("--teacher", action="store_true", help="sample the teacher instead (baseline)")
     p.add_argument("--eta", type=float, default=0.0, help="teacher sampler noise: 0 = DDIM, 1 = DDPM")
     p.add_argument("--steps", type=int, default=None, help="1–8 for a student (default 2); any for --teacher (50)")
-    p.add_argument("--guidance", type=float, default=None, help="ω (CFG scale; default 7.5 SD1.5, 3 toy)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="ω (CFG scale; default 7.5, or the model folder's own: 3 for the toy)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n", type=int, default=1, help="images per prompt")
     p.add_argument("--height", type=int, default=None)
@@ -167,16 +169,16 @@ def main(argv=None):
     prompts = list(args.prompt)
     if args.prompts_file:
         prompts += [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
-    toy = not args.model
+    model = model_path(args.model)
+    own = model_settings(model, "sample")  # the model folder's scott.toml [sample]: the toy model's defaults
     if not prompts:
-        prompts = ["a red circle on the left"] if toy else p.error("give --prompt or --prompts-file")
+        prompts = [own["prompt"]] if "prompt" in own else p.error("give --prompt or --prompts-file")
     steps = args.steps or (50 if args.teacher else 2)
     if not args.teacher and not 1 <= steps <= 8:
         p.error(f"--steps {steps}: a consistency student samples in 1–8 steps (use --teacher for more)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = TOY_FOLDER if toy else Path(args.model)
-    if toy:
+    if not args.model:
         print(f"Using the built-in toy model ({model}): 32×32 synthetic shapes. For SD1.5 pass --model PATH "
               f"(a diffusers folder or a .safetensors/.ckpt single file) and --student FOLDER.")
 
@@ -193,7 +195,7 @@ def main(argv=None):
     elif args.teacher:
         unet, label = bundle.unet, f"teacher {'DDIM' if args.eta == 0 else f'DDPM eta={args.eta}'}"
     else:
-        student = Path(args.student) if args.student else (model / "student" if toy else None)
+        student = Path(args.student) if args.student else (model / own["student"] if "student" in own else None)
         if student is None:
             p.error("--student FOLDER is required with --model (or pass --teacher for the teacher baseline)")
         unet, label = load_unet(student, device, dtype).eval(), f"student {student}"
@@ -201,7 +203,7 @@ def main(argv=None):
     print(f"load {tick():.2f}s")
     warn_truncated(bundle.tokenizer, bundle.text_encoder, prompts)
     size = bundle.unet.config.sample_size * bundle.vae.spatial_factor  # the resolution the model was trained at
-    guidance = args.guidance if args.guidance is not None else (3.0 if bundle.vae.spatial_factor == 1 else 7.5)
+    guidance = args.guidance if args.guidance is not None else own.get("guidance", 7.5)
     with torch.no_grad():
         images, timings = generate(bundle, unet, NoiseSchedule(bundle.alphas_cumprod.to(device)), prompts, steps,
                                    guidance, args.height or size, args.width or size, args.seed, args.n,

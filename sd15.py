@@ -24,6 +24,11 @@ from vae import VAE, IdentityVAE, load_vae
 # beside the loader that reads it, because toyworld/toy.py itself uses sample.py's grid writer.
 TOY_FOLDER = Path(__file__).resolve().parent / "toy"
 
+
+def model_path(model: str) -> Path:
+    """A command's --model, or the shipped toy model when it is empty (the one place that default is chosen)."""
+    return Path(model) if model else TOY_FOLDER
+
 # CLIP ViT-L/14 text tower as SD1.5 uses it (its text_encoder/config.json): output (B, 77, 768).
 SD15_TEXT_CONFIG = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                         num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
@@ -143,13 +148,9 @@ def load_tokenizer(path):
                           f"{TOKENIZER_HELP}.")
 
 
-def load_sd15(path, tokenizer=None, device="cpu", dtype=torch.float32, text_config=None, unet_config=None,
-              vae_config=None) -> SD15:
-    """Load the whole bundle from a diffusers folder or an original single file (see module docstring).
-
-    `tokenizer` overrides the folder's tokenizer and is required for single files. The *_config arguments give the
-    architecture of a single file that is not SD1.5-sized (tests use tiny ones); folders carry their own configs.
-    """
+def check_model(path, tokenizer=None) -> Path:
+    """The cheap checks of a model path, before anything is loaded (commands call it first): it exists, a folder is
+    in the diffusers layout with a tokenizer (or `tokenizer` is given), a single file comes with `tokenizer`."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder. Expected {SUPPORTED}.")
@@ -159,14 +160,26 @@ def load_sd15(path, tokenizer=None, device="cpu", dtype=torch.float32, text_conf
                                   f"{sorted(p.name for p in path.iterdir())[:10]}). Expected {SUPPORTED}.")
         if tokenizer is None and not (path / "tokenizer").is_dir():
             raise CheckpointError(f"{path}: has no tokenizer/ folder; {TOKENIZER_HELP}.")
+    elif tokenizer is None:
+        raise CheckpointError(f"{path}: a single-file checkpoint holds no tokenizer; {TOKENIZER_HELP}.")
+    return path
+
+
+def load_sd15(path, tokenizer=None, device="cpu", dtype=torch.float32, text_config=None, unet_config=None,
+              vae_config=None) -> SD15:
+    """Load the whole bundle from a diffusers folder or an original single file (see module docstring).
+
+    `tokenizer` overrides the folder's tokenizer and is required for single files. The *_config arguments give the
+    architecture of a single file that is not SD1.5-sized (tests use tiny ones); folders carry their own configs.
+    """
+    path = check_model(path, tokenizer)
+    if path.is_dir():
         vae = (load_vae(path / "vae", device, dtype) if (path / "vae").is_dir() else
                _pixel_space_vae(path, device))
         return SD15(tokenizer=load_tokenizer(tokenizer or path / "tokenizer"),
                     text_encoder=load_text_encoder(path / "text_encoder", device, dtype),
                     unet=load_unet(path / "unet", device, dtype), vae=vae,
                     alphas_cumprod=_schedule_from_config(path / "scheduler" / "scheduler_config.json"))
-    if tokenizer is None:
-        raise CheckpointError(f"{path}: a single-file checkpoint holds no tokenizer; {TOKENIZER_HELP}.")
     weights = open_weights(path)
     detect_foreign(weights, path)
     alphas = weights["alphas_cumprod"].double() if "alphas_cumprod" in weights else NoiseSchedule.sd15().alphas_cumprod

@@ -91,9 +91,7 @@ def transition_std(schedule: NoiseSchedule, t, s, eta: float, like: torch.Tensor
       "er_sde": σ² = (1 − ᾱ_s)(1 − ρ^{2η})   (ER-SDE-Solver-1, Cui et al. 2023, with noise-scale function
                 φ(σ) = σ^{1+η}; the SCott paper's Table 5 ablates an ER-SDE noise scale, its exact φ is not given).
     Both give the ODE (DDIM) at η = 0 and the DDPM posterior at η = 1; they differ in between."""
-    if kind not in NOISE_KINDS:
-        raise ValueError(f"noise kind must be one of {NOISE_KINDS}, got {kind!r}.")
-    check_eta(eta)
+    check_kind(kind)
     ab_t, ab_s = schedule.alpha_bar(t, like), schedule.alpha_bar(s, like)
     rho2 = ((1 - ab_s) * ab_t) / (ab_s * (1 - ab_t))  # ρ² = σ_s²/σ_t² ∈ [0, 1) for s < t
     gain = eta ** 2 * (1 - rho2) if kind == "ddim" else 1 - rho2 ** eta
@@ -107,19 +105,27 @@ def ddim_eta_step(x0_hat: torch.Tensor, eps_hat: torch.Tensor, t, s, schedule: N
     η = 0 is the deterministic DDIM (probability-flow ODE) step; η = 1 is a draw from the DDPM posterior
     q(x_s | x_t, x0 = x̂0). `noise` z (same shape as x) is required when σ > 0 is possible (η > 0)."""
     check_same_shape(x0_hat=x0_hat, eps_hat=eps_hat)
+    check_eta(eta)
     t = as_timesteps(t, x0_hat.shape[0], x0_hat.device, "t")
     s = as_timesteps(s, x0_hat.shape[0], x0_hat.device, "s")
     if on_host(t, s) and bool(torch.any(s >= t)):
         raise ValueError(f"a step goes down in time: every s must be < t, got t={t.tolist()}, s={s.tolist()}.")
-    dtype = torch.promote_types(x0_hat.dtype, eps_hat.dtype)
-    ab_s = schedule.alpha_bar(s, x0_hat)
-    std = transition_std(schedule, t, s, eta, x0_hat, kind)
-    x_s = ab_s.sqrt().to(dtype) * x0_hat + (1 - ab_s - std ** 2).clamp(min=0).sqrt().to(dtype) * eps_hat
     if eta > 0:
         if noise is None:
             raise ValueError(f"eta={eta} > 0 makes the step stochastic: pass `noise` (a tensor shaped like x).")
         check_same_shape(x=x0_hat, noise=noise)
-        x_s = x_s + std.to(dtype) * noise
+    return ddim_eta_update(x0_hat, eps_hat, t, s, schedule, eta, noise, kind)
+
+
+def ddim_eta_update(x0_hat, eps_hat, t: torch.Tensor, s: torch.Tensor, schedule: NoiseSchedule, eta: float,
+                    noise: torch.Tensor | None, kind: str) -> torch.Tensor:
+    """ddim_eta_step's maths, on arguments its callers have checked (t, s as (B,) tensors)."""
+    dtype = torch.promote_types(x0_hat.dtype, eps_hat.dtype)
+    ab_s = schedule.alpha_bar(s, x0_hat)
+    std = transition_std(schedule, t, s, eta, x0_hat, kind)                          # σ
+    x_s = ab_s.sqrt().to(dtype) * x0_hat + (1 - ab_s - std ** 2).clamp(min=0).sqrt().to(dtype) * eps_hat
+    if eta > 0:
+        x_s = x_s + std.to(dtype) * noise                                             # + σ z
     return x_s
 
 
@@ -156,6 +162,23 @@ def teacher_transition(eps_fn, x_tn: torch.Tensor, t_n, t_m, cond: torch.Tensor,
     one-step DDIM target.
     t_n, t_m: ints or per-sample (B,) integer tensors with 0 ≤ t_m < t_n ≤ T−1 and (t_n − t_m) divisible by h.
     Noise: `noise` of shape (h, *x.shape), or drawn from `generator` (one draw of x's shape per sub-step)."""
+    t_n, t_m = check_transition(x_tn, t_n, t_m, schedule, eta, substeps, generator, noise)
+    stride = (t_n - t_m) // substeps                          # (B,) sub-step length k / h per sample
+    x = x_tn
+    for j in range(substeps):
+        t, s = t_n - j * stride, t_n - (j + 1) * stride       # sub-step j: t -> s
+        eps = cfg_eps(eps_fn, x, t, cond, uncond, w)          # ε_u + ω (ε_c − ε_u)
+        x0_hat = schedule.predict_x0(x, eps, t)               # x̂0 = (x − √(1 − ᾱ_t) ε) / √ᾱ_t
+        z = None
+        if eta > 0:                                           # fresh noise for every sub-step
+            z = noise[j] if noise is not None else randn_like(x, generator)
+        x = ddim_eta_update(x0_hat, eps, t, s, schedule, eta, z, kind)
+    return x
+
+
+def check_transition(x_tn, t_n, t_m, schedule: NoiseSchedule, eta: float, substeps: int, generator, noise):
+    """teacher_transition's arguments, checked once: (t_n, t_m) as (B,) tensors, or a ValueError saying what is
+    wrong. Timestep values are checked only where that costs no host sync (on_host)."""
     B = x_tn.shape[0]
     check_substeps(substeps)
     check_eta(eta)
@@ -175,17 +198,7 @@ def teacher_transition(eps_fn, x_tn: torch.Tensor, t_n, t_m, cond: torch.Tensor,
                          f"got {tuple(noise.shape)}.")
     if eta > 0 and noise is None and generator is None:
         raise ValueError(f"eta={eta} > 0 needs randomness: pass `generator` or `noise`.")
-    stride = (t_n - t_m) // substeps  # (B,) sub-step length per sample
-    x = x_tn
-    for j in range(substeps):
-        t, s = t_n - j * stride, t_n - (j + 1) * stride
-        eps = cfg_eps(eps_fn, x, t, cond, uncond, w)
-        x0_hat = schedule.predict_x0(x, eps, t)
-        z = None
-        if eta > 0:
-            z = noise[j] if noise is not None else randn_like(x, generator)
-        x = ddim_eta_step(x0_hat, eps, t, s, schedule, eta, z, kind)
-    return x
+    return t_n, t_m
 
 
 # ---- full teacher samplers (baselines) -------------------------------------------------------------------------
@@ -211,10 +224,12 @@ def sample_teacher(eps_fn, x: torch.Tensor, cond: torch.Tensor, uncond: torch.Te
     timesteps = check_timesteps(timesteps, schedule)
     if eta > 0 and noise_sampler is None:
         raise ValueError(f"eta={eta} > 0 needs randomness: pass `noise_sampler`.")
+    B = x.shape[0]
     for t, s in zip(timesteps, timesteps[1:] + [-1]):
         eps = cfg_eps(eps_fn, x, t, cond, uncond, w)
         z = draw_noise(noise_sampler, x) if eta > 0 else None
-        x = ddim_eta_step(schedule.predict_x0(x, eps, t), eps, t, s, schedule, eta, z, kind)
+        t_, s_ = as_timesteps(t, B, x.device, "t"), as_timesteps(s, B, x.device, "s")
+        x = ddim_eta_update(schedule.predict_x0(x, eps, t), eps, t_, s_, schedule, eta, z, kind)
     return x
 
 
@@ -243,6 +258,11 @@ def check_same_shape(**tensors: torch.Tensor) -> None:
 def check_eta(eta: float) -> None:
     if not (isinstance(eta, (int, float)) and 0 <= eta <= 1 and math.isfinite(eta)):
         raise ValueError(f"eta (noise strength) must be a number in [0, 1] (0 = ODE/DDIM, 1 = DDPM), got {eta!r}.")
+
+
+def check_kind(kind: str) -> None:
+    if kind not in NOISE_KINDS:
+        raise ValueError(f"noise kind must be one of {NOISE_KINDS}, got {kind!r}.")
 
 
 def check_substeps(substeps: int) -> None:

@@ -1,9 +1,12 @@
 """SCott distillation of SD1.5 (or of the shipped toy model): torchrun DDP, bf16 autocast, resumable.
 
-    torchrun --nproc_per_node=4 train.py --model /path/to/sd15 --data /path/to/shards   # the paper's run
-    python train.py --model /path/to/sd15 --data /path/to/images --micro-batch 4        # one GPU, accumulates to 40
-    torchrun --nproc_per_node=2 train.py                                                # the toy world, on CPU
-    torchrun --nproc_per_node=4 train.py ... --resume auto      # after a pre-emption: the newest valid checkpoint
+    torchrun --nproc_per_node=4 train.py --config configs/sd15-paper.toml --model SD15 --data SHARDS  # the paper's
+    python train.py --config configs/sd15-1gpu.toml --model SD15 --data IMAGES        # one GPU, accumulates to 40
+    torchrun --nproc_per_node=2 train.py                                              # the toy model, on CPU
+    torchrun --nproc_per_node=4 train.py ... --resume auto    # after a pre-emption: the newest valid checkpoint
+
+Every flag is a setting declared once in its config dataclass (config.py); a --config TOML preset sets any of them
+and the command line wins; a model folder's scott.toml holds that model's own defaults (the toy model's does).
 
 A run is never lost: checkpoints are written to a temporary folder and renamed in; SIGTERM or SIGINT (to the whole
 process group, as SLURM sends it) means "finish the step, checkpoint, exit 0"; resuming checks the checkpoint and
@@ -35,12 +38,14 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import read_config
+from checkpoint import CheckpointError
+from config import add_arguments, check_settings, declared, model_settings, read_preset, setting
 from consistency import ConsistencyConfig, ema_update, scott_loss
 from data import DataConfig, build_latent_cache, make_loader
 from discriminator import Discriminator, DiscriminatorConfig, d_hinge_loss, g_hinge_loss
@@ -48,59 +53,70 @@ from lora import Adapters, LoRAConfig, LoRAStudent, key_of
 from run_folder import (compare_configs, describe_run, find_resume, list_checkpoints, prepare_out, restore,
                         save_checkpoint, set_aside)
 from sample import generate, save_grid
-from sd15 import SD15, TOY_FOLDER, load_sd15
+from sd15 import SD15, check_model, load_sd15, model_path
 from sde_solver import NoiseSchedule
-from toyworld.toy import SAMPLE_PROMPTS as TOY_PROMPTS, TRAINING_OVERRIDES as TOY_OVERRIDES, is_toy_model, make_toy_loader
 from unet import UNet, make_student
-
-
-ADV_WEIGHTINGS = ("fixed", "adaptive")  # TrainConfig.adv_weighting
 
 
 @dataclass
 class TrainConfig:
-    model: str = ""               # SD1.5 diffusers folder or single file; "" = the shipped toy model (toy/)
-    tokenizer: str = ""           # tokenizer folder, needed with a single-file --model
-    data: str = ""                # image folder, tar shards or latent cache; "" = the toy world's synthetic data
-    out: str = "runs/scott"       # checkpoints, log.jsonl and sample grids go here
-    resume: str = ""              # "auto" = the newest valid checkpoint in --out, if any; or a checkpoint folder
-    cache_to: str = ""            # encode --data with the model's VAE and text encoder into a latent cache here, exit
-    steps: int = 40_000           # total optimisation steps (paper: 40K)
-    stop_after: int = 0           # stop (with a checkpoint) after this many steps in this invocation; 0 = never
-    global_batch: int = 40        # paper: 40 = 4 GPUs × 10
-    micro_batch: int = 10         # per GPU per forward; accumulation = global / (micro × world); 0 = global / world
-    lr: float = 8e-6              # student (paper)
-    d_lr: float = 2e-5            # discriminator (paper)
-    warmup: int = 100             # linear learning-rate warm-up steps, then constant
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    adv_weight: float = 0.4       # λ_adv (paper); 0 switches the discriminator off entirely
-    adv_weighting: str = "fixed"  # "fixed": L_cd + λ_adv L_adv; what λ_adv does depends on L_cd's scale;
-                                  # "adaptive": λ_adv · ‖∇_w L_cd‖ / ‖∇_w L_adv‖ at the student's last layer w
-                                  # (VQGAN, Esser et al. 2021, eq. 7), so λ_adv is the adversarial share of the
-                                  # gradient there (adaptive_adv_weight); costs one more backward through D
-    d_warmup: int = 0             # the first N steps train D (real z0 vs the student's x̂0) but give the student no
-                                  # adversarial term, so D is a trained critic before it pushes the student
-    seed: int = 0
-    bf16: bool = torch.cuda.is_available()   # autocast bf16, frozen nets stored in bf16
-    compile: bool = False         # torch.compile the student, target and teacher
-    grad_checkpointing: bool = False
-    channels_last: bool = False
-    log_every: int = 10
-    ckpt_every: int = 1000
-    sample_every: int = 1000      # PNG grid of fixed prompts at 1, 2 and 4 steps; 0 = never
-    keep_checkpoints: int = 2     # the newest N checkpoints of this run are kept (at least 1)
-    max_nonfinite: int = 5        # stop after this many non-finite steps in a row
-    check_sync_every: int = 0     # every N steps assert that all ranks hold identical weights (a DDP sanity check)
-    deterministic: bool = False   # deterministic GPU kernels (slower): a resumed run then matches bit for bit
-    overwrite: bool = False       # start afresh in an --out that holds checkpoints: they move to out/replaced-<time>/
-    allow_config_change: bool = False  # resume although the teacher, D, its LoRA or the batch layout changed
-    student_lora_rank: int = 0    # > 0: the student is a LoRA of this rank on the teacher (SCott-LoRA); 0 = a full UNet
-    student_lora_alpha: float = 0.0  # the student LoRA's alpha (delta scale alpha / rank); 0 = the rank (LCM-LoRA)
+    # -- what is trained, on what, and where it goes
+    model: str = setting("", "the teacher: an SD1.5 diffusers folder or single file; \"\" = the shipped toy model "
+                             "(toy/)")
+    tokenizer: str = setting("", "tokenizer folder (vocab.json + merges.txt), needed with a single-file --model")
+    data: str = setting("", "image folder, tar shards, latent cache, or MODULE:FUNCTION for synthetic batches (the "
+                            "toy model's scott.toml names its own)")
+    out: str = setting("runs/scott", "the run folder: checkpoints, log.jsonl and sample grids")
+    resume: str = setting("", "\"auto\" = the newest valid checkpoint in --out, if any; or a checkpoint folder")
+    cache_to: str = setting("", "encode --data with the model's VAE and text encoder into a latent cache here, "
+                                "then exit")
+    config: str = setting("", "a TOML preset (configs/*.toml) whose keys are these flags; flags given here win")
+    # -- the optimisation
+    steps: int = setting(40_000, "total optimisation steps (paper: 40K)", at_least=1)
+    stop_after: int = setting(0, "stop with a checkpoint after this many steps in this invocation; 0 = never",
+                              at_least=0)
+    global_batch: int = setting(40, "images per optimisation step (paper: 40 = 4 GPUs × 10)", at_least=1)
+    micro_batch: int = setting(10, "images per GPU per forward; accumulation = global / (micro × world); "
+                                   "0 = global / world", at_least=0)
+    lr: float = setting(8e-6, "the student's learning rate (paper)", above=0)
+    d_lr: float = setting(2e-5, "the discriminator's learning rate (paper)", above=0)
+    warmup: int = setting(100, "linear learning-rate warm-up steps, then constant", at_least=0)
+    weight_decay: float = setting(0.0, "AdamW weight decay of the student", at_least=0)
+    grad_clip: float = setting(1.0, "clip the student's and D's gradient norms to this", above=0)
+    seed: int = setting(0, "seed of the initialisations and of SCott's noise (rank r uses seed + r)", at_least=0)
+    # -- the adversarial term
+    adv_weight: float = setting(0.4, "λ_adv (paper: 0.4); 0 switches the discriminator off entirely", at_least=0)
+    adv_weighting: str = setting("fixed", "fixed: the student's loss is L_cd + λ_adv L_adv; adaptive: λ_adv is "
+                                          "rescaled by ‖∇L_cd‖ / ‖∇L_adv‖ at the student's last layer (VQGAN's "
+                                          "adaptive weight, one more backward through D)",
+                                 choices=("fixed", "adaptive"))
+    d_warmup: int = setting(0, "the first N steps train D but give the student no adversarial term", at_least=0)
+    # -- speed and memory
+    bf16: bool = setting(torch.cuda.is_available(), "bf16 autocast, frozen nets stored in bf16")
+    compile: bool = setting(False, "torch.compile the student, target and teacher")
+    grad_checkpointing: bool = setting(False, "recompute the student's activations in backward (less memory)")
+    channels_last: bool = setting(False, "channels-last memory format for the UNets' convolutions")
+    # -- logs, checkpoints, safety
+    log_every: int = setting(10, "steps between progress lines (and log.jsonl records)", at_least=1)
+    ckpt_every: int = setting(1000, "steps between checkpoints", at_least=1)
+    sample_every: int = setting(1000, "steps between PNG grids of fixed prompts at 1, 2 and 4 steps; 0 = never",
+                                at_least=0)
+    keep_checkpoints: int = setting(2, "the newest N checkpoints of this run are kept", at_least=1)
+    max_nonfinite: int = setting(5, "stop after this many non-finite steps in a row", at_least=1)
+    check_sync_every: int = setting(0, "every N steps assert that all ranks hold identical weights; 0 = never",
+                                    at_least=0)
+    deterministic: bool = setting(False, "deterministic GPU kernels (slower): a resumed run then matches bit for bit")
+    overwrite: bool = setting(False, "start afresh in an --out that holds checkpoints: they move to "
+                                     "out/replaced-<time>/")
+    allow_config_change: bool = setting(False, "resume although the teacher, D, its LoRA or the batch layout changed")
+    # -- SCott-LoRA (docs/lora.md)
+    student_lora_rank: int = setting(0, "> 0: the student is a LoRA of this rank on the teacher (SCott-LoRA); "
+                                        "0 = a full UNet", at_least=0)
+    student_lora_alpha: float = setting(0.0, "the student LoRA's alpha (delta scale alpha / rank); 0 = the rank "
+                                             "(LCM-LoRA)", at_least=0)
 
     def __post_init__(self):
-        if self.adv_weighting not in ADV_WEIGHTINGS:
-            raise ValueError(f"--adv-weighting {self.adv_weighting!r}: must be one of {', '.join(ADV_WEIGHTINGS)}.")
+        check_settings(self)
         # The LoRA student's adapters are forward hooks on the teacher, present only while the student runs.
         if self.student_lora_rank and self.grad_checkpointing:
             raise ValueError("--grad-checkpointing does not combine with --student-lora-rank: the adapters are "
@@ -118,100 +134,34 @@ SD15_SAMPLE_PROMPTS = ["a photo of an astronaut riding a horse on the moon", "a 
 
 # ---- configuration --------------------------------------------------------------------------------------------
 
-# The smallest value of every integer flag (parse_args refuses any other integer flag) and what the flag is.
-INT_FLAGS = {"steps": (1, "total optimisation steps"), "stop_after": (0, "steps in this invocation; 0 = no limit"),
-             "global_batch": (1, "images per optimisation step"),
-             "micro_batch": (0, "images per GPU per forward; 0 = global batch / world size"),
-             "warmup": (0, "warm-up steps"), "seed": (0, "random seed"), "log_every": (1, "steps between log lines"),
-             "ckpt_every": (1, "steps between checkpoints"), "sample_every": (0, "steps between grids; 0 = never"),
-             "keep_checkpoints": (1, "checkpoints kept; the newest is always one of them"),
-             "max_nonfinite": (1, "non-finite steps in a row before stopping"),
-             "check_sync_every": (0, "steps between replica checks; 0 = never"),
-             "k": (1, "t_n − t_m in DDPM timesteps"), "substeps": (1, "teacher sub-steps per interval"),
-             "w_embed_dim": (1, "size of the ω embedding"), "lora_rank": (1, "rank of D's LoRA adapters"),
-             "resolution": (1, "training image side in pixels"), "min_size": (0, "smallest short side; 0 = auto"),
-             "shuffle_buffer": (1, "tar samples held for shuffling"), "num_workers": (0, "DataLoader workers per rank"),
-             "data_seed": (0, "data order seed"),
-             "student_lora_rank": (0, "rank of the LoRA student; 0 = a full UNet student"),
-             "d_warmup": (0, "steps before the student gets the adversarial term")}
-# Floats that must be positive (True) or may also be 0 (False); every float flag must be finite.
-FLOAT_FLAGS = {"lr": True, "d_lr": True, "grad_clip": True, "lora_alpha": True, "weight_decay": False,
-               "adv_weight": False, "student_lora_alpha": False}
-# String flags with a fixed set of values (argparse refuses any other, naming the flag).
-CHOICE_FLAGS = {"adv_weighting": ADV_WEIGHTINGS}
-# What --help says of the flags whose meaning the default does not show.
-FLAG_HELP = {"adv_weighting": "fixed: the student's loss is L_cd + λ_adv L_adv; adaptive: λ_adv is rescaled by "
-                              "‖∇L_cd‖ / ‖∇L_adv‖ at the student's last layer (VQGAN's adaptive weight), so it "
-                              "means the adversarial share of that gradient whatever L_cd's scale.",
-             "d_warmup": "steps during which D trains but the student gets no adversarial term."}
-# Defaults of a LoRA student (--student-lora-rank > 0) for the flags not given: LCM-LoRA's teacher guidance range
-# ω ~ U[3, 15] (diffusers' train_lcm_distill_lora_sd.py). The toy model's own defaults win over these.
-LORA_OVERRIDES = dict(w_min=3.0, w_max=15.0)
-
-
-def model_path(model: str) -> Path:
-    """--model, or the shipped toy model when it is empty."""
-    return Path(model) if model else TOY_FOLDER
+CONFIGS = {"train": TrainConfig, "consistency": ConsistencyConfig, "discriminator": DiscriminatorConfig,
+           "data": DataConfig}
 
 
 def parse_args(argv=None):
-    """One argparse group per config dataclass; flags are the field names (--micro-batch, --eta, --lora-rank...).
-    With the toy model (no --model), toy.TRAINING_OVERRIDES replace the defaults of the flags not given. Every
-    number is checked here (check_numbers), before anything is loaded."""
-    groups = {"train": TrainConfig, "consistency": ConsistencyConfig, "discriminator": DiscriminatorConfig,
-              "data": DataConfig}
+    """The four configs from the command line. Every flag is a field declared in its config dataclass
+    (config.setting). Where a value comes from, lowest precedence first: the declared default, the model folder's
+    scott.toml `[train]` table (the toy model's own run), the --config preset, the command line; then a LoRA
+    student's own defaults for what none of them set. Every value is checked here, before anything is loaded."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=(
-        "Defaults are SD1.5's (the paper's run). Without --model the shipped toy model is trained and the defaults "
-        "marked 'toy:' apply instead; with --student-lora-rank those marked 'LoRA student:' (the toy's win)."))
-    for title, cls in groups.items():
-        group = parser.add_argument_group(title)
-        for f in dataclasses.fields(cls):
-            if title == "data" and f.name == "path":
-                continue  # that is --data
-            flag = "--" + f.name.replace("_", "-")
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            shown = (f"(default {default}" + (f"; toy: {TOY_OVERRIDES[f.name]}" if f.name in TOY_OVERRIDES else "")
-                     + (f"; LoRA student: {LORA_OVERRIDES[f.name]}" if f.name in LORA_OVERRIDES else "") + ")")
-            if isinstance(default, bool):
-                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=shown)
-            else:
-                group.add_argument(flag, type=type(default), default=None, choices=CHOICE_FLAGS.get(f.name),
-                                   help=" ".join(filter(None, (FLAG_HELP.get(f.name), shown))))
-    args = vars(parser.parse_args(argv))
-    model_index = model_path(args["model"]) / "model_index.json"
-    if model_index.exists():
-        read_config(model_index)  # a clear error naming the file if it is malformed (is_toy_model reads it)
-    if is_toy_model(model_path(args["model"])):
-        args.update({k: v for k, v in TOY_OVERRIDES.items() if args[k] is None})
-    if args["student_lora_rank"]:
-        args.update({k: v for k, v in LORA_OVERRIDES.items() if args[k] is None})
-    check_numbers(parser, args)
-    build = lambda cls, **extra: cls(**{f.name: args[f.name] for f in dataclasses.fields(cls)  # noqa: E731
-                                        if args.get(f.name) is not None}, **extra)
+        "Defaults are SD1.5's (the paper's run). A model folder's scott.toml may set its own (the shipped toy "
+        "model's does); --config FILE presets (configs/*.toml) win over those, and flags given here win over both."))
+    for title, cls in CONFIGS.items():
+        add_arguments(parser, title, cls)
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    fields = declared(CONFIGS.values())
     try:
-        return (build(TrainConfig), build(ConsistencyConfig), build(DiscriminatorConfig),
-                build(DataConfig, path=args["data"] or ""))
-    except ValueError as e:  # a config's own consistency checks (w_min ≤ w_max, k a multiple of substeps, ...)
+        preset = read_preset(Path(given["config"]), fields) if given.get("config") else {}
+        model = model_path(given.get("model", preset.get("model", "")))
+        values = {**model_settings(model, "train", fields), **preset, **given}
+        if values.get("student_lora_rank"):
+            values = {**{n: f.metadata["lora_student"] for n, f in fields.items()
+                         if f.metadata["lora_student"] is not None}, **values}
+        values["path"] = values.get("data", "")  # DataConfig.path is --data
+        return tuple(cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
+                     for cls in CONFIGS.values())
+    except (ValueError, OSError) as e:  # a bad preset, a value out of bounds, or a config's cross-field check
         parser.error(str(e))
-
-
-def check_numbers(parser, args: dict):
-    """parser.error (exit 2, naming the flag) for an integer below its INT_FLAGS minimum or a float that is not
-    finite or not in its FLOAT_FLAGS range; flags left at their defaults are checked too."""
-    defaults = {f.name: f.default for cls in (TrainConfig, ConsistencyConfig, DiscriminatorConfig, DataConfig)
-                for f in dataclasses.fields(cls)}
-    for name, default in defaults.items():
-        value = args.get(name) if args.get(name) is not None else default
-        flag = "--" + name.replace("_", "-")
-        if isinstance(default, int) and not isinstance(default, bool):
-            minimum, meaning = INT_FLAGS[name]
-            if value < minimum:
-                parser.error(f"{flag} {value}: must be an integer ≥ {minimum} ({meaning}).")
-        if isinstance(default, float):
-            if not math.isfinite(value):
-                parser.error(f"{flag} {value}: must be a finite number.")
-            if name in FLOAT_FLAGS and (value <= 0 if FLOAT_FLAGS[name] else value < 0):
-                parser.error(f"{flag} {value}: must be {'> 0' if FLOAT_FLAGS[name] else '≥ 0'}.")
 
 
 # ---- distributed set-up ----------------------------------------------------------------------------------------
@@ -335,6 +285,21 @@ def build_optimizers(models: Models, cfg: TrainConfig, device):
 
 # ---- the optimisation step ---------------------------------------------------------------------------------------
 
+class MicroBatch(NamedTuple):
+    """One micro-batch as the step consumes it."""
+    z0: torch.Tensor               # clean latents z0 = VAE(image) · 0.18215, (B, 4, h, w)
+    cond: torch.Tensor             # c = CLIP(caption), (B, 77, 768)
+
+
+class Fake(NamedTuple):
+    """What D's step scores of one micro-batch: real z0 against the student's detached x̂0, at one t_d and noise."""
+    z0: torch.Tensor               # the real latents
+    x_student: torch.Tensor        # f_θ(z_tn), detached
+    cond: torch.Tensor
+    t_d: torch.Tensor              # (B,) D's timestep (used with --renoise)
+    noise_d: torch.Tensor          # D's noise draw, shared by real and fake
+
+
 @dataclass
 class StepStats:
     loss_cd: torch.Tensor     # consistency loss, mean over the micro-batches
@@ -345,13 +310,13 @@ class StepStats:
     applied: bool             # False: a non-finite loss or gradient on some rank, nothing was updated
 
 
-def encode_batch(batch: dict, bundle: SD15, device, autocast):
+def encode_batch(batch: dict, bundle: SD15, device, autocast) -> MicroBatch:
     """Latents z0 (B, 4, h, w) and text embeddings (B, 77, 768), from the latent cache when it provides them."""
     with torch.no_grad(), autocast:
         if "latent" in batch:
-            return batch["latent"].to(device), batch["text_embedding"].to(device)
+            return MicroBatch(batch["latent"].to(device), batch["text_embedding"].to(device))
         z0 = bundle.vae.encode(batch["image"].to(device))
-        return z0.float(), bundle.encode_prompts(batch["caption"])
+        return MicroBatch(z0.float(), bundle.encode_prompts(batch["caption"]))
 
 
 def discriminator_view(z: torch.Tensor, t_d: torch.Tensor, noise_d: torch.Tensor, schedule: NoiseSchedule,
@@ -390,13 +355,13 @@ def adaptive_adv_weight(loss_cd: torch.Tensor, loss_adv: torch.Tensor, last_laye
     return adv_weight * ratio.clamp(0.0, 1e4).detach()
 
 
-def student_backward(models: Models, micro_batches, cfg: TrainConfig, consistency: ConsistencyConfig,
+def student_backward(models: Models, micro_batches: list[MicroBatch], cfg: TrainConfig, consistency: ConsistencyConfig,
                      renoise: bool, generator: torch.Generator, autocast, adversarial: bool = True):
     """Backward of L_cd + λ L_adv over the micro-batches (gradients averaged over them), D frozen as a fixed
     critic; λ = --adv-weight, or with --adv-weighting adaptive adaptive_adv_weight's per micro-batch. With
     `adversarial` False (D's warm-up) the student gets L_cd alone and D is not run, but D's t_d and noise_d are
     still drawn for its own step. Returns L_cd, L_adv and λ averaged, detached, and per micro-batch the
-    (z0, x̂0 detached, c, t_d, noise_d) that D's step scores."""
+    Fake that D's step scores."""
     n = len(micro_batches)
     zero = torch.zeros((), device=models.uncond.device)
     loss_cd, loss_g, adv_weight, fakes = zero.clone(), zero.clone(), zero.clone(), []
@@ -422,7 +387,7 @@ def student_backward(models: Models, micro_batches, cfg: TrainConfig, consistenc
                     loss = loss + weight * g_loss
                     loss_g += g_loss.detach() / n
                     adv_weight += weight / n
-                fakes.append((z0, res.x_student.detach(), cond, t_d, noise_d))
+                fakes.append(Fake(z0, res.x_student.detach(), cond, t_d, noise_d))
             (loss / n).backward()
         loss_cd += res.loss.detach() / n
     if models.disc:
@@ -430,14 +395,15 @@ def student_backward(models: Models, micro_batches, cfg: TrainConfig, consistenc
     return loss_cd, loss_g, adv_weight, fakes
 
 
-def discriminator_backward(models: Models, fakes, renoise: bool, autocast) -> torch.Tensor:
+def discriminator_backward(models: Models, fakes: list[Fake], renoise: bool, autocast) -> torch.Tensor:
     """Backward of D's hinge loss, real z0 vs the student's detached x̂0 (same t_d and noise_d for both); the
     gradients are averaged over micro-batches and ranks. Returns the loss, detached."""
     loss_d = torch.zeros((), device=models.uncond.device)
-    for z0, fake, cond, t_d, noise_d in fakes:
+    for f in fakes:
         with autocast:
-            logits = [models.disc(models.teacher_fwd, *discriminator_view(z, t_d, noise_d, models.schedule, renoise),
-                                  cond) for z in (z0, fake)]
+            logits = [models.disc(models.teacher_fwd, *discriminator_view(z, f.t_d, f.noise_d, models.schedule,
+                                                                          renoise), f.cond)
+                      for z in (f.z0, f.x_student)]                         # D(real), D(fake)
             d_loss = d_hinge_loss(*logits)
         (d_loss / len(fakes)).backward()
         loss_d += d_loss.detach() / len(fakes)
@@ -445,11 +411,12 @@ def discriminator_backward(models: Models, fakes, renoise: bool, autocast) -> to
     return loss_d
 
 
-def train_step(models: Models, opt, d_opt, micro_batches, cfg: TrainConfig, consistency: ConsistencyConfig,
-               renoise: bool, generator: torch.Generator, autocast, step: int = 0) -> StepStats:
-    """Optimisation step `step` (0-based) of SCott on `micro_batches` [(z0, c), ...]: the student's step (skipped on
-    every rank if any rank saw a non-finite loss or gradient; no adversarial term in the first --d-warmup steps),
-    D's step, then the EMA update of the target. The trainer's loop, the tests and tools/bench.py all run exactly this."""
+def train_step(models: Models, opt, d_opt, micro_batches: list[MicroBatch], cfg: TrainConfig,
+               consistency: ConsistencyConfig, renoise: bool, generator: torch.Generator, autocast,
+               step: int = 0) -> StepStats:
+    """Optimisation step `step` (0-based) of SCott on `micro_batches`: the student's step (skipped on every rank if
+    any rank saw a non-finite loss or gradient; no adversarial term in the first --d-warmup steps), D's step, then
+    the EMA update of the target. The trainer's loop, the tests and tools/bench.py all run exactly this."""
     loss_cd, loss_g, adv_weight, fakes = student_backward(models, micro_batches, cfg, consistency, renoise, generator,
                                                           autocast, adversarial=step >= cfg.d_warmup)
     grad_norm = torch.nn.utils.clip_grad_norm_(models.student.parameters(), cfg.grad_clip)
@@ -473,13 +440,11 @@ def train_step(models: Models, opt, d_opt, micro_batches, cfg: TrainConfig, cons
 
 # ---- data and sample grids ---------------------------------------------------------------------------------------
 
-def make_batches(cfg: TrainConfig, data_cfg: DataConfig, toy_world: bool, rank, world, start_batch):
-    """The micro-batch stream: the toy world's generator when --data is not given, else data.py's loader."""
+def make_batches(cfg: TrainConfig, data_cfg: DataConfig, rank, world, start_batch):
+    """The micro-batch stream of this rank (data.make_loader), from batch `start_batch` on."""
     if not cfg.data:
-        if not toy_world:
-            raise SystemExit("--data is required with --model (the synthetic data only fits the toy model).")
-        return make_toy_loader(cfg.micro_batch, rank=rank, world_size=world, start_batch=start_batch, seed=cfg.seed)
-    return make_loader(data_cfg, cfg.micro_batch, rank, world, start_batch=start_batch)
+        raise SystemExit("--data is required with --model: an image folder, tar shards or a latent cache.")
+    return make_loader(data_cfg, cfg.micro_batch, rank, world, start_batch=start_batch, seed=cfg.seed)
 
 
 def write_sample_grid(path, models: Models, prompts, resolution, consistency: ConsistencyConfig, autocast):
@@ -507,150 +472,212 @@ def cache_latents(cfg: TrainConfig, data_cfg: DataConfig, device):
     print(f"wrote a latent cache of {manifest.get('count')} samples to {cfg.cache_to}; train with --data {cfg.cache_to}")
 
 
-# ---- main ------------------------------------------------------------------------------------------------------
+# ---- main: set up the run, build the models, then the loop ------------------------------------------------------
 
-def main(argv=None):
-    # -- configuration; cheap checks first, so a wrong path or an empty dataset fails before any model is loaded
-    cfg, consistency, disc_cfg, data_cfg = parse_args(argv)
+@dataclass
+class Run:
+    """Where this process stands in the run: its configs, its rank, the batch layout and --out."""
+    cfg: TrainConfig
+    consistency: ConsistencyConfig
+    disc_cfg: DiscriminatorConfig
+    data_cfg: DataConfig
+    rank: int
+    world: int
+    device: torch.device
+    accumulation: int              # micro-batches per optimisation step on each rank
+    out: Path
+    model: Path
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.cfg.bf16 else nullcontext()
+
+    def configs(self) -> dict:
+        """The effective configuration, as every checkpoint records it (run_folder.describe_run)."""
+        return describe_run({"train": self.cfg, "consistency": self.consistency, "discriminator": self.disc_cfg,
+                             "data": self.data_cfg}, self.model, self.world, self.accumulation)
+
+
+def start_run(cfg: TrainConfig, consistency, disc_cfg, data_cfg) -> Run:
+    """The cheap part of the set-up, before any model is loaded: deterministic kernels, the process group, the
+    batch layout (micro-batch × accumulation × world = global batch), the --model path."""
     if cfg.deterministic:  # cuBLAS reads this variable when it starts, so before any CUDA work
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     rank, world, device = setup_distributed()
-    master = rank == 0
-    out, model = Path(cfg.out), model_path(cfg.model)
-    if not model.exists():
-        raise SystemExit(f"--model {model}: no such file or folder (an SD1.5 diffusers folder or single file).")
-    toy_world = is_toy_model(model)
+    model = model_path(cfg.model)
+    try:
+        check_model(model, cfg.tokenizer or None)
+    except CheckpointError as e:
+        raise SystemExit(f"--model {e}") from None
     if cfg.micro_batch == 0:  # no accumulation: each rank takes an equal share of the global batch
         cfg = dataclasses.replace(cfg, micro_batch=max(1, cfg.global_batch // world))
     if cfg.global_batch % (cfg.micro_batch * world):
         raise SystemExit(f"--global-batch {cfg.global_batch} is not a multiple of micro-batch {cfg.micro_batch} × "
                          f"world size {world}; choose --micro-batch so that it is.")
-    accumulation = cfg.global_batch // (cfg.micro_batch * world)
-    if cfg.cache_to:
-        return cache_latents(cfg, data_cfg, device)
-    if master:
-        prepare_out(out, cfg)
+    return Run(cfg, consistency, disc_cfg, data_cfg, rank, world, device,
+               cfg.global_batch // (cfg.micro_batch * world), Path(cfg.out), model)
+
+
+def open_out(run: Run):
+    """Prepare --out (rank 0) and find the checkpoint to resume from, refusing a change of what is trained; the
+    checkpoints after it are set aside (another branch of the run, or damaged: --resume auto must not return to
+    them). Returns the resume (or None) and the step the run starts at."""
+    if run.master:
+        prepare_out(run.out, run.cfg)
     if dist.is_initialized():
         dist.barrier()  # every rank looks for checkpoints once rank 0 has cleaned --out up
-    configs = describe_run({"train": cfg, "consistency": consistency, "discriminator": disc_cfg, "data": data_cfg},
-                           model, world, accumulation)
-    resume = find_resume(cfg, out, master)
+    resume = find_resume(run.cfg, run.out, run.master)
     if resume:
         saved = {"run": {"world": len(resume.state["rng"])}, **resume.state["config"]}  # older ones lack "run"
-        compare_configs(saved, configs, cfg.allow_config_change, master)
+        compare_configs(saved, run.configs(), run.cfg.allow_config_change, run.master)
     start_step = resume.state["step"] if resume else 0
-    later = [folder for step, folder in list_checkpoints(out) if step > start_step] if master else []
-    if later:  # another branch of the run, or damaged: `--resume auto` must not come back to them
-        set_aside(out, later, f"--resume from step {start_step}: the later checkpoints in --out")
-    loader = make_batches(cfg, data_cfg, toy_world, rank, world, start_batch=start_step * accumulation)
-    if master and toy_world:
-        print(f"toy world: defaults {TOY_OVERRIDES} (flags given on the command line win)")
-    # A scheduler's SIGTERM (or Ctrl-C's SIGINT) reaches the whole process group: each rank finishes its step,
-    # checkpoints and exits 0 (data.py's workers ignore both signals, so the data keeps flowing until then).
+    later = [folder for step, folder in list_checkpoints(run.out) if step > start_step] if run.master else []
+    if later:
+        set_aside(run.out, later, f"--resume from step {start_step}: the later checkpoints in --out")
+    return resume, start_step
+
+
+def catch_stop_signals() -> dict:
+    """A scheduler's SIGTERM (or Ctrl-C's SIGINT) reaches the whole process group: each rank notes it, finishes its
+    step, checkpoints and exits 0 (data.py's workers ignore both signals, so the data keeps flowing until then)."""
     stop = {"signal": None}
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.update(signal=signum))
+    return stop
 
-    # -- models, optimisers, random streams; then the saved state, if resuming
-    torch.manual_seed(cfg.seed)  # the same on every rank: D's LoRA initialisation must be identical everywhere
-    generator = torch.Generator(device).manual_seed(cfg.seed + rank)  # all of SCott's noise goes through it
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
-    bundle = load_sd15(model, tokenizer=cfg.tokenizer or None, device=device)
-    models = build_models(bundle, cfg, consistency, disc_cfg, device, world)
-    opt, d_opt = build_optimizers(models, cfg, device)
-    counters = {"skipped_images": 0, "nonfinite_steps": 0}
-    if resume:
-        restore(resume, models, opt, d_opt, generator, cfg, rank, world, device, master)
-        counters = resume.state["counters"]
 
-    if master:
-        n_params = sum(p.numel() for p in models.student.parameters())
-        print(f"model {model} ({'toy world' if toy_world else 'SD1.5'}), student {n_params / 1e6:.1f}M params, "
-              f"device {device}, world {world}, bf16 {cfg.bf16}")
-        if isinstance(models.student, LoRAStudent):
-            print(f"LoRA student: rank {cfg.student_lora_rank} on {len(models.student.adapters)} layers of the "
-                  f"teacher, {100 * n_params / sum(p.numel() for p in models.teacher.parameters()):.2f}% of the UNet; "
-                  f"no ω input (the teacher's ω ∈ [{consistency.w_min}, {consistency.w_max}])")
-        print(f"global batch {cfg.global_batch} = micro-batch {cfg.micro_batch} × accumulation {accumulation} × "
-              f"world {world}; steps {start_step} -> {cfg.steps}")
-        if models.disc:
-            print(f"discriminator: LoRA rank {disc_cfg.lora_rank} on {len(models.disc.targets)} decoder layers + "
-                  f"head, trainable fraction {100 * models.disc.trainable_fraction(models.teacher):.2f}% of the UNet")
-        print(f"SCott: k={consistency.k}, h={consistency.substeps}, eta={consistency.eta}, "
-              f"w∈[{consistency.w_min}, {consistency.w_max}], ema={consistency.ema_decay}, loss={consistency.loss}; "
-              f"resume from {resume.folder if resume else None}", flush=True)
+def print_summary(run: Run, models: Models, start_step: int, resume):
+    """Rank 0's start-up lines: the model, the batch layout, D and SCott's settings."""
+    cfg, c = run.cfg, run.consistency
+    n_params = sum(p.numel() for p in models.student.parameters())
+    print(f"model {run.model}, student {n_params / 1e6:.1f}M params, device {run.device}, world {run.world}, "
+          f"bf16 {cfg.bf16}")
+    if isinstance(models.student, LoRAStudent):
+        print(f"LoRA student: rank {cfg.student_lora_rank} on {len(models.student.adapters)} layers of the "
+              f"teacher, {100 * n_params / sum(p.numel() for p in models.teacher.parameters()):.2f}% of the UNet; "
+              f"no ω input (the teacher's ω ∈ [{c.w_min}, {c.w_max}])")
+    print(f"global batch {cfg.global_batch} = micro-batch {cfg.micro_batch} × accumulation {run.accumulation} × "
+          f"world {run.world}; steps {start_step} -> {cfg.steps}")
+    if models.disc:
+        print(f"discriminator: LoRA rank {run.disc_cfg.lora_rank} on {len(models.disc.targets)} decoder layers + "
+              f"head, trainable fraction {100 * models.disc.trainable_fraction(models.teacher):.2f}% of the UNet")
+    print(f"SCott: k={c.k}, h={c.substeps}, eta={c.eta}, w∈[{c.w_min}, {c.w_max}], ema={c.ema_decay}, "
+          f"loss={c.loss}; resume from {resume.folder if resume else None}", flush=True)
 
-    save = lambda step: save_checkpoint(out, step, models, opt, d_opt, generator, counters, configs,  # noqa: E731
-                                        cfg.keep_checkpoints, rank)
-    del resume  # its CPU copies of the student and target are no longer needed
 
-    # -- the loop
-    nonfinite_in_a_row, t_last, step, failure = 0, time.time(), start_step, None
+def log_progress(run: Run, step: int, stats: StepStats, lr: float, per_step: float, counters: dict):
+    """The progress line (rank 0 prints it and appends it to out/log.jsonl); the skipped images are summed over
+    the ranks, so every rank calls this."""
+    skipped = torch.tensor(float(counters["skipped_images"]), device=run.device)
+    if dist.is_initialized():  # every rank reads its own share of the data: report the sum
+        dist.all_reduce(skipped)
+    if not run.master:
+        return
+    record = {"step": step, "loss_cd": stats.loss_cd.item(), "loss_g": stats.loss_g.item(),
+              "adv_weight": stats.adv_weight.item(), "loss_d": stats.loss_d.item(), "lr": lr,
+              "grad_norm": stats.grad_norm.item(), "images_per_s": run.cfg.global_batch / per_step,
+              "eta_s": per_step * (run.cfg.steps - step), "skipped_images": int(skipped.item()),
+              "nonfinite_steps": counters["nonfinite_steps"]}
+    print(f"step {step}/{run.cfg.steps} | cd {record['loss_cd']:.5f} | g {record['loss_g']:.3f} | "
+          f"λ {record['adv_weight']:.3g} | d {record['loss_d']:.3f} | lr {record['lr']:.2e} | "
+          f"gnorm {record['grad_norm']:.3f} | {record['images_per_s']:.1f} img/s | "
+          f"skipped {record['skipped_images']} | eta {record['eta_s'] / 60:.1f} min", flush=True)
+    with open(run.out / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def grid_prompts(run: Run) -> list[str]:
+    """The training grids' prompts: the model folder's own (scott.toml [sample] grid_prompts), else SD1.5's."""
+    return model_settings(run.model, "sample").get("grid_prompts", SD15_SAMPLE_PROMPTS)
+
+
+def train(run: Run, models: Models, opt, d_opt, generator, loader, counters: dict, start_step: int, stop: dict,
+          save) -> str | None:
+    """The loop, from `start_step` to --steps (or a signal, or --stop-after): micro-batches -> train_step -> log,
+    grid, checkpoint. Returns why it stopped early if that was a failure, else None."""
+    cfg = run.cfg
+    nonfinite_in_a_row, t_last, step = 0, time.time(), start_step
     while step < cfg.steps:
-        lr_scale = min(1.0, (step + 1) / max(1, cfg.warmup))
+        lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))   # linear warm-up, then constant
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * lr_scale
+            group["lr"] = lr
         micro_batches = []
-        for _ in range(accumulation):
+        for _ in range(run.accumulation):
             batch = next(loader)
             counters["skipped_images"] = batch.get("skipped", counters["skipped_images"])
-            micro_batches.append(encode_batch(batch, models.bundle, device, autocast))
+            micro_batches.append(encode_batch(batch, models.bundle, run.device, run.autocast))
 
-        stats = train_step(models, opt, d_opt, micro_batches, cfg, consistency, disc_cfg.renoise, generator, autocast,
-                           step)
+        stats = train_step(models, opt, d_opt, micro_batches, cfg, run.consistency, run.disc_cfg.renoise,
+                           generator, run.autocast, step)
 
-        if not stats.applied:
+        if not stats.applied:  # a non-finite loss or gradient on some rank: nothing was updated
             counters["nonfinite_steps"] += 1
             nonfinite_in_a_row += 1
-            if master:
+            if run.master:
                 print(f"step {step}: non-finite loss or gradient, step skipped ({nonfinite_in_a_row} in a row)")
             if nonfinite_in_a_row >= cfg.max_nonfinite:
                 save(step)
-                failure = (f"stopping: {nonfinite_in_a_row} non-finite steps in a row at step {step}. The last good "
-                           f"weights are in {out}/latest. Lower --lr, check the data, or disable --bf16.")
-                break
+                return (f"stopping: {nonfinite_in_a_row} non-finite steps in a row at step {step}. The last good "
+                        f"weights are in {run.out}/latest. Lower --lr, check the data, or disable --bf16.")
             continue
         nonfinite_in_a_row = 0
         step += 1
         if cfg.check_sync_every and step % cfg.check_sync_every == 0:
             assert_replicas_in_sync(step, student=models.student, target=models.target,
                                     **({"discriminator": models.disc} if models.disc else {}))
-
         if step % cfg.log_every == 0 or step == cfg.steps:
-            skipped = torch.tensor(float(counters["skipped_images"]), device=device)
-            if dist.is_initialized():  # every rank reads its own share of the data: report the sum
-                dist.all_reduce(skipped)
-            if master:
-                dt, t_last = time.time() - t_last, time.time()
-                per_step = dt / (cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every)
-                record = {"step": step, "loss_cd": stats.loss_cd.item(), "loss_g": stats.loss_g.item(),
-                          "adv_weight": stats.adv_weight.item(), "loss_d": stats.loss_d.item(),
-                          "lr": cfg.lr * lr_scale, "grad_norm": stats.grad_norm.item(),
-                          "images_per_s": cfg.global_batch / per_step, "eta_s": per_step * (cfg.steps - step),
-                          "skipped_images": int(skipped.item()), "nonfinite_steps": counters["nonfinite_steps"]}
-                print(f"step {step}/{cfg.steps} | cd {record['loss_cd']:.5f} | g {record['loss_g']:.3f} | "
-                      f"λ {record['adv_weight']:.3g} | d {record['loss_d']:.3f} | lr {record['lr']:.2e} | "
-                      f"gnorm {record['grad_norm']:.3f} | {record['images_per_s']:.1f} img/s | "
-                      f"skipped {record['skipped_images']} | "
-                      f"eta {record['eta_s'] / 60:.1f} min", flush=True)
-                with open(out / "log.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
-        if master and cfg.sample_every and step % cfg.sample_every == 0:
-            prompts = TOY_PROMPTS if toy_world else SD15_SAMPLE_PROMPTS
-            write_sample_grid(out / f"samples-{step:07d}.png", models, prompts, data_cfg.resolution, consistency,
-                              autocast)
+            dt, t_last = time.time() - t_last, time.time()
+            log_progress(run, step, stats, lr, dt / (step % cfg.log_every or cfg.log_every), counters)
+        if run.master and cfg.sample_every and step % cfg.sample_every == 0:
+            write_sample_grid(run.out / f"samples-{step:07d}.png", models, grid_prompts(run),
+                              run.data_cfg.resolution, run.consistency, run.autocast)
 
         # A signal may reach one rank only: every rank stops at the same step boundary.
-        signalled = all_reduce_max(torch.tensor(float(stop["signal"] is not None), device=device)).item() > 0
+        signalled = all_reduce_max(torch.tensor(float(stop["signal"] is not None), device=run.device)).item() > 0
         stopping = signalled or bool(cfg.stop_after and step - start_step >= cfg.stop_after)
         if step % cfg.ckpt_every == 0 or step == cfg.steps or stopping:
             save(step)
         if stopping:
-            if master:
+            if run.master:
                 print(f"stopped at step {step} ({'signal' if signalled else '--stop-after'}); resume with "
-                      f"--resume auto --out {out}", flush=True)
-            break
+                      f"--resume auto --out {run.out}", flush=True)
+            return None
+    return None
+
+
+def main(argv=None):
+    # -- configuration and --out; cheap checks first, so a wrong path or empty data fails before any model loads
+    run = start_run(*parse_args(argv))
+    if run.cfg.cache_to:
+        return cache_latents(run.cfg, run.data_cfg, run.device)
+    resume, start_step = open_out(run)
+    loader = make_batches(run.cfg, run.data_cfg, run.rank, run.world, start_batch=start_step * run.accumulation)
+    stop = catch_stop_signals()
+
+    # -- models, optimisers, random streams; then the saved state, if resuming
+    torch.manual_seed(run.cfg.seed)  # the same on every rank: D's LoRA initialisation must be identical everywhere
+    generator = torch.Generator(run.device).manual_seed(run.cfg.seed + run.rank)  # all of SCott's noise
+    bundle = load_sd15(run.model, tokenizer=run.cfg.tokenizer or None, device=run.device)
+    models = build_models(bundle, run.cfg, run.consistency, run.disc_cfg, run.device, run.world)
+    opt, d_opt = build_optimizers(models, run.cfg, run.device)
+    counters = {"skipped_images": 0, "nonfinite_steps": 0}
+    if resume:
+        restore(resume, models, opt, d_opt, generator, run.cfg, run.rank, run.world, run.device, run.master)
+        counters = resume.state["counters"]
+    if run.master:
+        print_summary(run, models, start_step, resume)
+    configs = run.configs()
+    save = lambda step: save_checkpoint(run.out, step, models, opt, d_opt, generator, counters, configs,  # noqa: E731
+                                        run.cfg.keep_checkpoints, run.rank)
+    del resume  # its CPU copies of the student and target are no longer needed
+
+    # -- the loop
+    failure = train(run, models, opt, d_opt, generator, loader, counters, start_step, stop, save)
 
     # DDP's reducer holds the process group. Freed after destroy_process_group, it would tear the group down while
     # holding the GIL, which can deadlock gloo's worker thread at exit (pytorch/pytorch#56297): free it first.

@@ -27,6 +27,14 @@ from checkpoint import (LDM_UNET_PREFIX, atomic_write, SUPPORTED, CheckpointErro
                         read_config, require, shape_of)
 
 
+# diffusers' config.json vocabulary (UNetConfig.to_diffusers / from_diffusers)
+DIFFUSERS_VERSION = "0.30.0"  # the oldest diffusers our tests' oracle is pinned to (requirements-dev.txt)
+DOWN_TYPES = {True: "CrossAttnDownBlock2D", False: "DownBlock2D"}
+UP_TYPES = {True: "CrossAttnUpBlock2D", False: "UpBlock2D"}
+UP_OF = {DOWN_TYPES[a]: UP_TYPES[a] for a in (True, False)}
+STUDENT_KEYS = ("timestep_scaling", "sigma_data", "guidance_offset")  # UNetConfig fields a student's config.json adds
+
+
 @dataclass
 class UNetConfig:
     in_channels: int = 4
@@ -145,11 +153,6 @@ class UNetConfig:
             raise CheckpointError(f"{source}: {e}") from None
 
 
-DIFFUSERS_VERSION = "0.30.0"  # the oldest diffusers our tests' oracle is pinned to (requirements-dev.txt)
-DOWN_TYPES = {True: "CrossAttnDownBlock2D", False: "DownBlock2D"}
-UP_TYPES = {True: "CrossAttnUpBlock2D", False: "UpBlock2D"}
-UP_OF = {DOWN_TYPES[a]: UP_TYPES[a] for a in (True, False)}
-STUDENT_KEYS = ("timestep_scaling", "sigma_data", "guidance_offset")  # UNetConfig fields a student's config.json adds
 # Settings every SD 1.x UNet has, with the value it has: any other value is another architecture (mostly SD 2.x /
 # SDXL: linear projections, several transformer layers, extra embeddings). `upcast_attention` is not here: it only
 # changes the precision attention is computed in.
@@ -456,7 +459,7 @@ class UNet(nn.Module):
         x = self._run(self.mid_block, x, temb, context)
         for block in self.up_blocks:
             n = len(block.resnets)
-            block_skips, skips = skips[:-n - 1:-1], skips[:-n]  # the top n skips, most recent first
+            block_skips = [skips.pop() for _ in range(n)]  # the top n skips of the stack, most recent first
             out_size = skips[-1].shape[-2:] if skips else None  # the next level up's resolution
             x = self._run(block, x, block_skips, temb, context, out_size)
         return self.conv_out(F.silu(self.conv_norm_out(x)))

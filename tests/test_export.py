@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 import export
 from consistency import consistency_timesteps
 from sample import generate
-from sd15 import load_sd15
+from sd15 import TOY_FOLDER, load_sd15
 from sde_solver import NoiseSchedule
 from tiny_models import tiny_text_config, v4_keys, write_tiny_sd15
 from unet import UNet, UNetConfig, bake_guidance, load_unet, make_student, save_unet
@@ -136,8 +136,8 @@ def test_pipeline_of_the_toy_model(tmp_path):
     assert index["vae"] == [None, None] and not (out / "vae").exists()
     pipe = LatentConsistencyModelPipeline.from_pretrained(out, vae=None)
     pipe.set_progress_bar_config(disable=True)
-    bundle = load_sd15(export.TOY_FOLDER)
-    student = load_unet(export.TOY_FOLDER / "student")
+    bundle = load_sd15(TOY_FOLDER)
+    student = load_unet(TOY_FOLDER / "student")
     with torch.no_grad():
         ours, _ = generate(bundle, student, NoiseSchedule(bundle.alphas_cumprod), ["a red circle"], 2, 3.0, 32, 32)
     latents = pipe(["a red circle"], num_inference_steps=2, guidance_scale=3.0, height=256, width=256,
@@ -218,7 +218,7 @@ def test_single_file_dtype_and_toy(tmp_path):
     sd = load_file(str(path))
     assert {v.dtype for v in sd.values()} == {torch.float16}
     assert not any(k.startswith("first_stage_model.") for k in sd)
-    baked = bake_guidance(load_unet(export.TOY_FOLDER / "student"), 3.0)
+    baked = bake_guidance(load_unet(TOY_FOLDER / "student"), 3.0)
     assert load_unet(path, config=UNetConfig.toy()).config == baked.config
     run("--to", "single-file", "--guidance", 3, "--dtype", "bf16", "--out", path, "--overwrite")
     assert {v.dtype for v in load_file(str(path)).values()} == {torch.bfloat16}

@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 
+import config
 import sample
 import train
 from checkpoint import CheckpointError
@@ -33,21 +34,29 @@ def parse_error(capsys, parse, argv) -> str:
 
 # ---- train.py ----------------------------------------------------------------------------------------------------
 
-def int_fields():
-    return [f.name for cls in (train.TrainConfig, ConsistencyConfig, DiscriminatorConfig, DataConfig)
-            for f in dataclasses.fields(cls) if f.type in (int, "int")]
+def declared_fields():
+    return config.declared(train.CONFIGS.values())
 
 
-def test_every_integer_flag_has_a_rule():
-    assert set(int_fields()) == set(train.INT_FLAGS)
+def test_every_setting_is_declared_with_a_meaning():
+    """Every field of the four configs (but DataConfig.path, which is --data) is a declared setting with a help
+    line, and every integer setting has a lower bound."""
+    fields = declared_fields()
+    every = {f.name for cls in train.CONFIGS.values() for f in dataclasses.fields(cls)}
+    assert every - set(fields) == {"path"}
+    for name, f in fields.items():
+        assert f.metadata["help"].strip(), name
+        if type(f.default) is int:
+            assert f.metadata["at_least"] is not None, f"{name}: an integer setting needs a lower bound"
 
 
-@pytest.mark.parametrize("name", sorted(train.INT_FLAGS))
+@pytest.mark.parametrize("name", sorted(n for n, f in config.declared(train.CONFIGS.values()).items()
+                                        if type(f.default) is int))
 def test_train_refuses_an_integer_flag_below_its_minimum(capsys, name):
-    minimum, meaning = train.INT_FLAGS[name]
-    flag = "--" + name.replace("_", "-")
+    f = declared_fields()[name]
+    minimum, flag = f.metadata["at_least"], config.flag_of(name)
     err = parse_error(capsys, train.parse_args, [flag, str(minimum - 1)])
-    assert f"{flag} {minimum - 1}: must be an integer ≥ {minimum} ({meaning})" in err
+    assert f"{flag} {minimum - 1}: must be an integer ≥ {minimum} ({f.metadata['help']})" in err
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -55,22 +64,27 @@ def test_train_refuses_an_integer_flag_below_its_minimum(capsys, name):
     (["--global-batch", "0"], "--global-batch 0: must be an integer ≥ 1"),  # was "training" on zero samples
     (["--keep-checkpoints", "0"], "--keep-checkpoints 0: must be an integer ≥ 1"),  # silently kept all
     (["--keep-checkpoints", "-1"], "--keep-checkpoints -1: must be an integer ≥ 1"),  # deleted every checkpoint
+    (["--k", "1000"], "--k 1000: must be an integer ≤ 999"),
     (["--lr", "nan"], "--lr nan: must be a finite number"),
     (["--lr", "0"], "--lr 0.0: must be > 0"),
     (["--adv-weight", "-0.5"], "--adv-weight -0.5: must be ≥ 0"),
     (["--eta", "inf"], "--eta inf: must be a finite number"),
-    (["--w-min", "9", "--w-max", "3"], "need w_min ≤ w_max"),
+    (["--eta", "1.5"], "--eta 1.5: must be ≤ 1.0"),
+    (["--ema-decay", "1"], "--ema-decay 1.0: must be < 1.0"),
+    (["--w-min", "9", "--w-max", "3"], "need --w-min ≤ --w-max"),
+    (["--k", "25"], "--k 25 does not split into --substeps 3"),
 ])
 def test_train_refuses_bad_numbers_at_parse_time(capsys, argv, message):
     assert message in parse_error(capsys, train.parse_args, argv)
 
 
-def test_train_names_a_malformed_model_index(tmp_path):
+def test_train_checks_the_model_before_the_data(tmp_path):
     model = tmp_path / "model"
     model.mkdir()
-    (model / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline",')  # cut short
-    with pytest.raises(CheckpointError, match="model_index.json: not valid JSON"):
-        train.main(["--model", str(model), "--data", str(tmp_path)])
+    (model / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    with pytest.raises(SystemExit, match="not a diffusers model folder"):
+        train.main(["--model", str(model), "--data", str(tmp_path / "nothing-here"), "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
 
 
 # ---- sample.py ---------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 import sample
 import train
 from datasets import write_folder_dataset, write_tar_dataset
+from sd15 import TOY_FOLDER
 from tiny_models import TINY_RUN
 from unet import load_unet
 
@@ -76,7 +77,7 @@ def test_torchrun_with_no_model_distils_the_shipped_toy_teacher(tmp_path):
     assert "global batch 16 = micro-batch 8 × accumulation 1 × world 2" in result.stdout
     assert [r["step"] for r in read_log(out)] == [1, 2]
     student = out / (out / "latest").read_text() / "student"
-    trained, teacher = weights(student), weights(train.TOY_FOLDER / "unet")  # the teacher is stored in float16
+    trained, teacher = weights(student), weights(TOY_FOLDER / "unet")  # the teacher is stored in float16
     assert any(not torch.equal(trained[k], teacher[k].float()) for k in teacher)  # the student trained
     sample.main(["--student", str(student), "--prompt", "a red circle on the left", "--steps", "1",
                  "--out", str(tmp_path / "s.png")])

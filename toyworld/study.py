@@ -36,7 +36,7 @@ import run_folder
 HERE = Path(__file__).resolve().parent.parent  # the repository root: train.py and evaluate.py run from there
 BUDGET_STEPS = 400          # optimisation steps of an h = 3 run; an h-sub-step run gets 3 / h times as many
 POINTS = 4                  # scored points along each run, evenly spaced in teacher evaluations
-BATCH = 16                  # the toy's global batch (toy.TRAINING_OVERRIDES)
+BATCH = 16                  # the toy's global batch (toy/scott.toml)
 STUDENT_STEPS = (1, 2, 4)
 TEACHER_STEPS = (1, 2, 4, 50)
 ADV_FIXED = 0.05            # the paper's 0.4 as a fixed weight swamped the toy's consistency loss (README)

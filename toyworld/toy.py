@@ -210,25 +210,41 @@ def make_toy_loader(batch_size: int, rank: int = 0, world_size: int = 1, start_b
         index += 1
 
 
-# ---- the toy world as train.py's target -----------------------------------------------------------------------
+# ---- the toy world as train.py's and sample.py's model --------------------------------------------------------
 
-# What train.py changes when the model is the toy, unless the flag is given on the command line (printed at start-up
-# and shown in `train.py --help`). A 1.7M-parameter UNet learns faster than SD1.5's at the paper's learning rates,
-# and a rank-128 LoRA would be most of it. No adversarial term: on the first toy world it cost quality at 2 and 4
-# steps at every weight tried (docs/toy-v1.md); the study on today's world (README, "The toy world") tests it again.
-# Micro-batch 0 = the global batch split over the ranks, so a `torchrun` of
-# any size works.
-TRAINING_OVERRIDES = dict(steps=400, global_batch=16, micro_batch=0, lr=1e-4, d_lr=1e-4, warmup=20, adv_weight=0.0,
-                          ckpt_every=200, sample_every=200, log_every=20, resolution=32, lora_rank=4, lora_alpha=4.0,
-                          w_min=2.0, w_max=6.0)
-SAMPLE_PROMPTS = ["a striped red circle on the left", "a dotted shape", "a green triangle"]
+# The toy model folder's own defaults, written beside its weights as scott.toml: train.py reads the [train] table
+# and sample.py the [sample] table of any model folder that has one, below --config and the command line. A 1.7M-
+# parameter UNet learns faster than SD1.5's at the paper's learning rates, and a rank-128 LoRA would be most of it.
+# No adversarial term: on the first toy world it cost quality at 2 and 4 steps at every weight tried
+# (docs/toy-v1.md); the toy study tests it again (docs/toy-study.md). Micro-batch 0 = the global batch split over
+# the ranks, so a `torchrun` of any size works.
+SCOTT_TOML = """\
+# The toy model's own defaults (written by toyworld/toy.py). train.py reads [train], sample.py [sample];
+# a --config preset and flags on the command line win over them.
+[train]
+data = "toyworld.toy:make_toy_loader"   # synthetic captioned shapes, made on the fly (no files)
+steps = 400
+global_batch = 16
+micro_batch = 0
+lr = 1e-4
+d_lr = 1e-4
+warmup = 20
+adv_weight = 0.0
+ckpt_every = 200
+sample_every = 200
+log_every = 20
+resolution = 32
+lora_rank = 4
+lora_alpha = 4.0
+w_min = 2.0
+w_max = 6.0
 
-
-def is_toy_model(model_path) -> bool:
-    """True for a pixel-space model folder (its model_index.json says `"pixel_space": true`), as the toy's is; an
-    SD1.5 folder or single file never is."""
-    index = Path(model_path) / "model_index.json"
-    return index.is_file() and json.loads(index.read_text()).get("pixel_space", False) is True
+[sample]
+student = "student"                     # the distilled student shipped beside the teacher
+guidance = 3.0
+prompt = "a red circle on the left"
+grid_prompts = ["a striped red circle on the left", "a dotted shape", "a green triangle"]
+"""
 
 
 # ---- text: word-level tokenizer and a tiny, frozen, random CLIP text encoder ------------------------------------
@@ -299,6 +315,7 @@ def write_toy_folder(out, unet, text_encoder, tokenizer) -> None:
     _swap_in(out / "tokenizer", lambda d: tokenizer.save_pretrained(str(d)))
     _swap_in(out / "text_encoder", lambda d: text_encoder.save_pretrained(str(d)))
     _swap_in(out / "unet", lambda d: save_unet(unet, d))
+    atomic_write(out / "scott.toml", lambda tmp: tmp.write_text(SCOTT_TOML))
     atomic_write(out / "model_index.json", lambda tmp: tmp.write_text(json.dumps(index, indent=2)))
 
 
@@ -341,18 +358,7 @@ def train_teacher(cfg: TeacherConfig, out, state_file=None) -> None:
     schedule = NoiseSchedule.sd15(device=device)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
     generator = torch.Generator(device).manual_seed(cfg.seed + 1)  # timesteps, noise, caption dropout
-    start = 0
-    if state_file and Path(state_file).is_file():
-        state = torch.load(state_file, map_location=device, weights_only=True)
-        if state["config"] != asdict(cfg):
-            raise ValueError(f"{state_file}: was written by a teacher training with other settings "
-                             f"({state['config']}); pass those, or another --state file to start afresh.")
-        unet.load_state_dict(state["unet"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        generator.set_state(state["generator"].cpu())
-        start = state["step"]
-        print(f"resumed from {state_file} at step {start}", flush=True)
+    start = resume_teacher(state_file, cfg, unet, ema, opt, generator, device)
     loader = make_toy_loader(cfg.batch_size, seed=cfg.seed, start_batch=start)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     n_params = sum(p.numel() for p in unet.parameters())
@@ -367,17 +373,11 @@ def train_teacher(cfg: TeacherConfig, out, state_file=None) -> None:
         for group in opt.param_groups:
             group["lr"] = lr
         batch = next(loader)
-        x0 = batch["image"].to(device)                                            # (B, 3, 32, 32) in [-1, 1]
-        drop = torch.rand(len(x0), generator=generator, device=device) < cfg.caption_dropout
+        drop = torch.rand(len(batch["image"]), generator=generator, device=device) < cfg.caption_dropout
         captions = ["" if d else c for c, d in zip(batch["caption"], drop.tolist())]
         with torch.no_grad():
             context = encode_prompts(tokenizer, text_encoder, captions)           # (B, 16, 64)
-        t = torch.randint(0, schedule.num_timesteps, (len(x0),), generator=generator, device=device)
-        noise = torch.randn(x0.shape, generator=generator, device=device)
-        noise = noise + cfg.offset_noise * torch.randn(*x0.shape[:2], 1, 1, generator=generator, device=device)
-        with autocast:
-            eps = unet(schedule.add_noise(x0, noise, t), t, context)
-        loss = F.mse_loss(eps.float(), noise)
+        loss = teacher_loss(unet, batch["image"].to(device), context, schedule, cfg, generator, autocast)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
@@ -393,16 +393,49 @@ def train_teacher(cfg: TeacherConfig, out, state_file=None) -> None:
                   f"{(step - start) / (time.time() - t0):.2f} it/s | {(time.time() - t0) / 60:.1f} min", flush=True)
             loss_sum = 0.0
         if step % cfg.save_every == 0 or step == cfg.steps:
-            # float16 halves the repository's share (loaders cast back to float32); the text encoder is tiny.
-            teacher = copy.deepcopy(ema).to("cpu", torch.float16)
-            write_toy_folder(out, teacher, text_encoder.cpu(), tokenizer)
-            text_encoder.to(device)
-            if state_file:
-                state = {"config": asdict(cfg), "step": step, "unet": unet.state_dict(), "ema": ema.state_dict(),
-                         "opt": opt.state_dict(), "generator": generator.get_state()}
-                Path(state_file).parent.mkdir(parents=True, exist_ok=True)
-                atomic_write(Path(state_file), lambda tmp: torch.save(state, tmp))
-            print(f"saved the EMA teacher (float16) to {out} at step {step}", flush=True)
+            save_teacher(out, state_file, cfg, step, unet, ema, opt, generator, text_encoder, tokenizer, device)
+
+
+def teacher_loss(unet, x0, context, schedule: NoiseSchedule, cfg: TeacherConfig, generator, autocast):
+    """‖ε − ε_θ(x_t, t, c)‖² for clean images x0 (B, 3, 32, 32) in [-1, 1], with offset noise (see train_teacher)."""
+    t = torch.randint(0, schedule.num_timesteps, (len(x0),), generator=generator, device=x0.device)
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+    noise = noise + cfg.offset_noise * torch.randn(*x0.shape[:2], 1, 1, generator=generator, device=x0.device)
+    with autocast:
+        eps = unet(schedule.add_noise(x0, noise, t), t, context)
+    return F.mse_loss(eps.float(), noise)
+
+
+def resume_teacher(state_file, cfg: TeacherConfig, unet, ema, opt, generator, device) -> int:
+    """Load `state_file` into the training state if it exists (refusing one of other settings); the step to
+    continue from (0 for a fresh start)."""
+    if not (state_file and Path(state_file).is_file()):
+        return 0
+    state = torch.load(state_file, map_location=device, weights_only=True)
+    if state["config"] != asdict(cfg):
+        raise ValueError(f"{state_file}: was written by a teacher training with other settings "
+                         f"({state['config']}); pass those, or another --state file to start afresh.")
+    unet.load_state_dict(state["unet"])
+    ema.load_state_dict(state["ema"])
+    opt.load_state_dict(state["opt"])
+    generator.set_state(state["generator"].cpu())
+    print(f"resumed from {state_file} at step {state['step']}", flush=True)
+    return state["step"]
+
+
+def save_teacher(out, state_file, cfg: TeacherConfig, step: int, unet, ema, opt, generator, text_encoder,
+                 tokenizer, device):
+    """The EMA teacher into the toy model folder `out` (float16 halves the repository's share; loaders cast back
+    to float32; the text encoder is tiny), and with `state_file` the full training state, atomically."""
+    teacher = copy.deepcopy(ema).to("cpu", torch.float16)
+    write_toy_folder(out, teacher, text_encoder.cpu(), tokenizer)
+    text_encoder.to(device)
+    if state_file:
+        state = {"config": asdict(cfg), "step": step, "unet": unet.state_dict(), "ema": ema.state_dict(),
+                 "opt": opt.state_dict(), "generator": generator.get_state()}
+        Path(state_file).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(Path(state_file), lambda tmp: torch.save(state, tmp))
+    print(f"saved the EMA teacher (float16) to {out} at step {step}", flush=True)
 
 
 # ---- command line -------------------------------------------------------------------------------------------------
