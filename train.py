@@ -487,6 +487,7 @@ class Run:
     accumulation: int              # micro-batches per optimisation step on each rank
     out: Path
     model: Path
+    grid_prompts: list[str]        # the training grids' prompts: the model folder's own, else SD1.5's
 
     @property
     def master(self) -> bool:
@@ -520,7 +521,8 @@ def start_run(cfg: TrainConfig, consistency, disc_cfg, data_cfg) -> Run:
         raise SystemExit(f"--global-batch {cfg.global_batch} is not a multiple of micro-batch {cfg.micro_batch} × "
                          f"world size {world}; choose --micro-batch so that it is.")
     return Run(cfg, consistency, disc_cfg, data_cfg, rank, world, device,
-               cfg.global_batch // (cfg.micro_batch * world), Path(cfg.out), model)
+               cfg.global_batch // (cfg.micro_batch * world), Path(cfg.out), model,
+               model_settings(model, "sample").get("grid_prompts", SD15_SAMPLE_PROMPTS))
 
 
 def open_out(run: Run):
@@ -591,11 +593,6 @@ def log_progress(run: Run, step: int, stats: StepStats, lr: float, per_step: flo
         f.write(json.dumps(record) + "\n")
 
 
-def grid_prompts(run: Run) -> list[str]:
-    """The training grids' prompts: the model folder's own (scott.toml [sample] grid_prompts), else SD1.5's."""
-    return model_settings(run.model, "sample").get("grid_prompts", SD15_SAMPLE_PROMPTS)
-
-
 def train(run: Run, models: Models, opt, d_opt, generator, loader, counters: dict, start_step: int, stop: dict,
           save) -> str | None:
     """The loop, from `start_step` to --steps (or a signal, or --stop-after): micro-batches -> train_step -> log,
@@ -634,7 +631,7 @@ def train(run: Run, models: Models, opt, d_opt, generator, loader, counters: dic
             dt, t_last = time.time() - t_last, time.time()
             log_progress(run, step, stats, lr, dt / (step % cfg.log_every or cfg.log_every), counters)
         if run.master and cfg.sample_every and step % cfg.sample_every == 0:
-            write_sample_grid(run.out / f"samples-{step:07d}.png", models, grid_prompts(run),
+            write_sample_grid(run.out / f"samples-{step:07d}.png", models, run.grid_prompts,
                               run.data_cfg.resolution, run.consistency, run.autocast)
 
         # A signal may reach one rank only: every rank stops at the same step boundary.
