@@ -45,8 +45,8 @@ from consistency import ConsistencyConfig, ema_update, scott_loss
 from data import DataConfig, build_latent_cache, make_loader
 from discriminator import Discriminator, DiscriminatorConfig, d_hinge_loss, g_hinge_loss
 from lora import Adapters, LoRAConfig, LoRAStudent, key_of
-from run_folder import (compare_configs, describe_run, find_resume, list_checkpoints, prepare_out, restore,
-                        save_checkpoint, set_aside)
+from run_folder import (check_paths, compare_configs, describe_run, find_resume, list_checkpoints, on_rank_zero,
+                        prepare_out, restore, save_checkpoint, set_aside)
 from sample import generate, save_grid
 from sd15 import SD15, TOY_FOLDER, load_sd15
 from sde_solver import NoiseSchedule
@@ -479,7 +479,10 @@ def make_batches(cfg: TrainConfig, data_cfg: DataConfig, toy_world: bool, rank, 
         if not toy_world:
             raise SystemExit("--data is required with --model (the synthetic data only fits the toy model).")
         return make_toy_loader(cfg.micro_batch, rank=rank, world_size=world, start_batch=start_batch, seed=cfg.seed)
-    return make_loader(data_cfg, cfg.micro_batch, rank, world, start_batch=start_batch)
+    try:
+        return make_loader(data_cfg, cfg.micro_batch, rank, world, start_batch=start_batch)
+    except (ValueError, OSError, RuntimeError) as e:  # data.py's checks of the source, before any model is loaded
+        raise SystemExit(f"--data: {e}") from None
 
 
 def write_sample_grid(path, models: Models, prompts, resolution, consistency: ConsistencyConfig, autocast):
@@ -520,6 +523,7 @@ def main(argv=None):
     out, model = Path(cfg.out), model_path(cfg.model)
     if not model.exists():
         raise SystemExit(f"--model {model}: no such file or folder (an SD1.5 diffusers folder or single file).")
+    check_paths(cfg, model)  # --data without --model; an --out or --cache-to on an input
     toy_world = is_toy_model(model)
     if cfg.micro_batch == 0:  # no accumulation: each rank takes an equal share of the global batch
         cfg = dataclasses.replace(cfg, micro_batch=max(1, cfg.global_batch // world))
@@ -529,8 +533,7 @@ def main(argv=None):
     accumulation = cfg.global_batch // (cfg.micro_batch * world)
     if cfg.cache_to:
         return cache_latents(cfg, data_cfg, device)
-    if master:
-        prepare_out(out, cfg)
+    on_rank_zero(prepare_out, out, cfg)  # locks --out; a refusal ends every rank with the same message
     if dist.is_initialized():
         dist.barrier()  # every rank looks for checkpoints once rank 0 has cleaned --out up
     configs = describe_run({"train": cfg, "consistency": consistency, "discriminator": disc_cfg, "data": data_cfg},
