@@ -368,6 +368,7 @@ def refuse_overlap(out, inputs: dict, flag: str = "--out") -> None:
     skipped), symbolic links resolved: writing (or --overwrite's deleting) there could destroy an input. Call it
     before any other check of `out`: no flag makes such an output acceptable."""
     target = Path(os.path.abspath(out)).resolve()
+    hits = []
     for name, path in inputs.items():
         if not path:
             continue
@@ -375,7 +376,10 @@ def refuse_overlap(out, inputs: dict, flag: str = "--out") -> None:
         relation = ("is" if target == source else "lies inside" if source in target.parents else
                     "holds" if target in source.parents else None)
         if relation:
-            raise OutputRefused(f"{flag} {out} {relation} the input {name} {path}"
-                                f"{'' if str(source) == str(path) else f' ({source})'}: writing there could replace "
-                                f"or delete it. Choose {flag} outside every input (no flag, --overwrite included, "
-                                f"allows this).")
+            hits.append((("is", "lies inside", "holds").index(relation), relation, name, path, source))
+    if hits:
+        _, relation, name, path, source = min(hits, key=lambda hit: hit[0])  # the closest: "is" before the others
+        raise OutputRefused(f"{flag} {out} {relation} the input {name} {path}"
+                            f"{'' if str(source) == str(path) else f' ({source})'}: writing there could replace "
+                            f"or delete it. Choose {flag} outside every input (no flag, --overwrite included, "
+                            f"allows this).")

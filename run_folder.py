@@ -10,6 +10,7 @@ One run writes a --out at a time: it holds an exclusive lock on out/.lock (lock_
 """
 import dataclasses
 import fcntl
+import json
 import os
 import re
 import shutil
@@ -177,6 +178,11 @@ def on_rank_zero(action, *args) -> None:
         if message is not None:
             dist.destroy_process_group()
     if message is not None:
+        error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")  # set by torchrun: its failure summary shows this
+        if error_file:
+            with open(error_file, "w") as f:
+                json.dump({"message": {"message": message, "extraInfo": {"py_callstack": message,
+                                                                         "timestamp": str(int(time.time()))}}}, f)
         raise SystemExit(message)
 
 
