@@ -68,11 +68,16 @@ def test_export_never_writes_over_its_inputs(work, tmp_path, capsys, monkeypatch
         relation = "lies inside the input --model"
     monkeypatch.chdir(work.parent)
     before = tree_hashes(tmp_path)
-    msg = export_error(capsys, "--model", work, "--student", work / "student", "--to", to, "--guidance", 3,
-                       "--out", out, "--overwrite")
-    assert relation in msg and "--overwrite included" in msg, msg
+    try:
+        export.main([str(a) for a in ("--model", work, "--student", work / "student", "--to", to, "--guidance", 3,
+                                      "--out", out, "--overwrite")])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    msg = capsys.readouterr().err
+    assert tree_hashes(tmp_path) == before  # first: every input intact, byte for byte
+    assert code == 2 and relation in msg and "--overwrite included" in msg, msg
     assert "Traceback" not in msg and "empty name" not in msg
-    assert tree_hashes(tmp_path) == before
 
 
 def test_export_overwrite_replaces_only_an_earlier_export(work, tmp_path, capsys):
