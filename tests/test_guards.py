@@ -176,6 +176,23 @@ def test_export_cleans_what_a_killed_export_left(work, tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ["s.safetensors", "work"]
 
 
+def test_a_failed_rename_keeps_the_old_output(work, tmp_path, capsys, monkeypatch):
+    """--overwrite moves the old folder aside, then renames the new one in; if that rename fails, the old one is
+    put back (and the new one removed): the old output stays until a new one is complete."""
+    base = ("--model", work, "--student", work / "student", "--to", "pipeline", "--out", tmp_path / "pipe")
+    export.main([str(a) for a in (*base, "--steps", "2")])
+    real = os.replace
+
+    def replace(src, dst):
+        if Path(dst) == tmp_path / "pipe" and Path(src).name.endswith(".tmp"):
+            raise OSError(18, "Invalid cross-device link")
+        return real(src, dst)
+    monkeypatch.setattr(os, "replace", replace)
+    assert "Invalid cross-device link" in export_error(capsys, *base, "--steps", "4", "--overwrite")
+    assert "num_inference_steps=2" in (tmp_path / "pipe" / "README.md").read_text()
+    assert sorted(os.listdir(tmp_path)) == ["pipe", "work"]
+
+
 # ---- 4. clear errors and true remarks -------------------------------------------------------------------------------
 
 def test_exports_have_umask_modes_and_load_in_diffusers_without_warnings(work, tmp_path):
