@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
-from checkpoint import CheckpointError
+from checkpoint import CheckpointError, OutputRefused, refuse_overlap
 from consistency import consistency_timesteps, sample_consistency
 from lora import load_kohya, merge
 from config import model_settings
@@ -121,6 +121,28 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
     folder = next(parent for parent in out.absolute().parents if parent.exists())
     if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
         p.error(f"--out {out}: cannot write under {folder}; choose another path.")
+    try:
+        refuse_overlap(out, {"--model": model_path(args.model), "--student": args.student, "--lora": args.lora,
+                             "--tokenizer": args.tokenizer, "--prompts-file": args.prompts_file})
+    except OutputRefused as e:
+        p.error(str(e))
+    for flag, value in (("--model", args.model), ("--student", args.student), ("--lora", args.lora),
+                        ("--tokenizer", args.tokenizer), ("--prompts-file", args.prompts_file)):
+        if value and not Path(value).exists():
+            p.error(f"{flag} {value}: no such file or folder.")
+
+
+def load_student_unet(p: argparse.ArgumentParser, folder: Path, device, dtype):
+    """load_unet(--student), with a hint when `folder` is a checkpoint's step-N folder rather than its student/."""
+    if not (folder / "config.json").exists() and (folder / "student").is_dir():
+        p.error(f"--student {folder}: a checkpoint folder, not a UNet; did you mean {folder / 'student'}?")
+    if not (folder / "config.json").exists() and (folder / "adapters.safetensors").is_file():
+        p.error(f"--student {folder}: a LoRA student's checkpoint; export it with `python export.py --to lora --lora "
+                f"{folder} --out FILE.safetensors` and sample it with --lora FILE.safetensors.")
+    try:
+        return load_unet(folder, device, dtype).eval()
+    except CheckpointError as e:
+        p.error(f"--student: {e}")
 
 
 def check_student(p: argparse.ArgumentParser, student_folder, unet, bundle, model) -> None:
@@ -183,7 +205,10 @@ def main(argv=None):
               f"(a diffusers folder or a .safetensors/.ckpt single file) and --student FOLDER.")
 
     tick = _clock(device)
-    bundle = load_sd15(model, tokenizer=args.tokenizer or None, device=device, dtype=dtype)
+    try:
+        bundle = load_sd15(model, tokenizer=args.tokenizer or None, device=device, dtype=dtype)
+    except CheckpointError as e:
+        p.error(f"--model: {e}")
     if args.lora:
         if args.teacher or args.student:
             p.error("--lora is a student of its own: pass it without --teacher and --student")
@@ -198,12 +223,15 @@ def main(argv=None):
         student = Path(args.student) if args.student else (model / own["student"] if "student" in own else None)
         if student is None:
             p.error("--student FOLDER is required with --model (or pass --teacher for the teacher baseline)")
-        unet, label = load_unet(student, device, dtype).eval(), f"student {student}"
+        unet, label = load_student_unet(p, student, device, dtype), f"student {student}"
         check_student(p, student, unet, bundle, model)
     print(f"load {tick():.2f}s")
     warn_truncated(bundle.tokenizer, bundle.text_encoder, prompts)
     size = bundle.unet.config.sample_size * bundle.vae.spatial_factor  # the resolution the model was trained at
     guidance = args.guidance if args.guidance is not None else own.get("guidance", 7.5)
+    no_cfg = not args.teacher and not unet.config.guidance_embed_dim  # a LoRA student: no ω input, no CFG pass
+    if no_cfg and args.guidance is not None:
+        print(f"note: --guidance {args.guidance} is ignored: {label} has no ω input and is sampled without CFG.")
     with torch.no_grad():
         images, timings = generate(bundle, unet, NoiseSchedule(bundle.alphas_cumprod.to(device)), prompts, steps,
                                    guidance, args.height or size, args.width or size, args.seed, args.n,
@@ -213,9 +241,10 @@ def main(argv=None):
         raise SystemExit(f"{label}: the images hold non-finite pixels (NaN/Inf), so {args.out} was not written. "
                          "The weights are probably damaged (NaN) or the run diverged: try an earlier checkpoint.")
     save_grid(images, args.out, columns=args.n if len(prompts) > 1 else min(args.n, 8),
-              metadata={"prompt": " | ".join(prompts), "seed": args.seed, "steps": steps, "guidance": guidance,
-                        "model": str(model), "sampler": label})
-    print(f"wrote {args.out} ({len(images)} image(s), {label}, {steps} steps, ω={guidance}, seed {args.seed})")
+              metadata={"prompt": " | ".join(prompts), "seed": args.seed, "steps": steps,
+                        "guidance": "none (no CFG)" if no_cfg else guidance, "model": str(model), "sampler": label})
+    print(f"wrote {args.out} ({len(images)} image(s), {label}, {steps} steps, "
+          f"{'no CFG' if no_cfg else f'ω={guidance}'}, seed {args.seed})")
 
 
 if __name__ == "__main__":
