@@ -337,18 +337,24 @@ def test_two_trainers_started_at_once_into_one_out(tmp_path):
     data = write_folder_dataset(tmp_path / "data", n=16, size=40)
     out = tmp_path / "run"
     procs = [trainer(model, data, out), trainer(model, data, out)]
-    t0 = time.time()
-    while all(p.poll() is None for p in procs):
-        assert time.time() - t0 < 300
-        time.sleep(0.2)
-    loser = next(p for p in procs if p.poll() is not None)
-    winner = next(p for p in procs if p is not loser)
-    _, err = loser.communicate()
-    assert loser.returncode == 1 and len(err.strip().splitlines()) == 1, err
-    assert f"is in use by another run (train.py, pid {winner.pid} on host" in err
-    wait_for_log(out, winner)
-    winner.send_signal(signal.SIGTERM)
-    _, werr = winner.communicate(timeout=300)
+    try:
+        t0 = time.time()
+        while all(p.poll() is None for p in procs):
+            assert time.time() - t0 < 120, "neither trainer refused"  # the refusal comes before any model loads
+            time.sleep(0.2)
+        loser = next(p for p in procs if p.poll() is not None)
+        winner = next(p for p in procs if p is not loser)
+        _, err = loser.communicate()
+        assert loser.returncode == 1 and len(err.strip().splitlines()) == 1, err
+        assert f"is in use by another run (train.py, pid {winner.pid} on host" in err
+        wait_for_log(out, winner)
+        winner.send_signal(signal.SIGTERM)
+        _, werr = winner.communicate(timeout=300)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
     assert winner.returncode == 0, werr[-2000:]
     steps = [int(line.split('"step": ')[1].split(",")[0]) for line in (out / "log.jsonl").read_text().splitlines()]
     assert steps == list(range(1, len(steps) + 1))
@@ -371,7 +377,11 @@ def test_a_torchrun_job_against_a_running_trainer(tmp_path):
         stdout, stderr = job.communicate(timeout=300)
     finally:
         running.send_signal(signal.SIGTERM)
-        running.communicate(timeout=300)
+        try:
+            running.communicate(timeout=300)
+        finally:
+            if running.poll() is None:
+                running.kill()
     print(f"torchrun exit {job.returncode}; stderr:\n{stderr}")
     refusal = f"is in use by another run (train.py, pid {running.pid} on host"
     ranks = [line for line in stderr.splitlines() if refusal in line and not line.strip().startswith("traceback")]
