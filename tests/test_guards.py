@@ -328,6 +328,29 @@ def wait_for_log(out: Path, proc, timeout=300):
         time.sleep(0.5)
 
 
+def test_the_lock_of_an_out_names_its_holder_and_dies_with_it(tmp_path):
+    """evaluate.py --coco and the toy study take the lock train.py takes: held by another process, they refuse at
+    once naming it; once that process is killed (-9: no clean-up of its own), the next one takes it."""
+    from metrics import coco
+    from toyworld import study
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, run_folder\nfrom pathlib import Path\n"
+                               f"run_folder.lock_out(Path({str(out)!r}), 'holder')\nprint('held', flush=True)\n"
+                               "time.sleep(600)"], cwd=ROOT, env=env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for claim in (coco.claim_out, study.claim_out):
+            with pytest.raises(SystemExit, match=rf"{re.escape(str(out))} is in use by another run \(holder, pid "
+                                                 rf"{holder.pid} on host "):
+                claim(out)
+    finally:
+        holder.kill()
+        holder.wait()
+    coco.claim_out(out)
+    assert f"pid {os.getpid()} on host" in (out / ".lock").read_text()
+
+
 @pytest.mark.slow
 def test_two_trainers_started_at_once_into_one_out(tmp_path):
     """Exactly one runs; the other refuses at once with one line naming the holder's pid; the log and checkpoints
