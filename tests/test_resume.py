@@ -25,7 +25,8 @@ def setup(tmp_path_factory):
 
 
 def names(out):
-    return sorted(p.name for p in out.iterdir())
+    """What --out holds, but the lock file every run keeps there (run_folder.lock_out)."""
+    return sorted(p.name for p in out.iterdir() if p.name != ".lock")
 
 
 def latest(out):
