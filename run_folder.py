@@ -13,6 +13,7 @@ import fcntl
 import json
 import os
 import re
+import secrets
 import shutil
 import socket
 import sys
@@ -389,3 +390,72 @@ def restore(resume: Resume, models, opt, d_opt, generator, cfg, rank: int, world
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] is not None and device.type == "cuda":
         torch.cuda.set_rng_state(rng["cuda"])
+
+
+# ---- experiment trackers (--log-to) -------------------------------------------------------------------------------
+
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # --log-to name: the package to pip install
+
+
+def tracker_names(log_to: str) -> list[str]:
+    """--log-to "tensorboard,wandb" -> the names, each checked to be importable (SystemExit naming the package to
+    install otherwise), before anything is loaded."""
+    names = [n.strip() for n in log_to.split(",") if n.strip()]
+    for name in names:
+        if name not in TRACKERS:
+            raise SystemExit(f"--log-to {log_to}: unknown tracker {name!r}; choose from {', '.join(TRACKERS)}.")
+        try:
+            __import__("torch.utils.tensorboard" if name == "tensorboard" else name)
+        except ImportError as e:
+            raise SystemExit(f"--log-to {name}: the {TRACKERS[name]} package is not installed ({e}); "
+                             f"pip install {TRACKERS[name]}") from None
+    return names
+
+
+class Trackers:
+    """Rank 0's experiment trackers: every scalar of the progress line, the sample grids and the run's effective
+    config as hyper-parameters. A resumed run continues the same TensorBoard folder (out/tensorboard; points after
+    the resumed step are dropped) and the same wandb run (its id is kept in out/wandb_id)."""
+
+    def __init__(self, names: list[str], out: Path, config: dict, start_step: int):
+        flat = {f"{section}.{k}": v for section, fields in config.items() for k, v in fields.items()}
+        self.tensorboard = self.wandb = None
+        if "tensorboard" in names:
+            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard.summary import hparams
+            # A resume drops what an interrupted run logged after its checkpoint (steps > start_step).
+            self.tensorboard = SummaryWriter(str(out / "tensorboard"),
+                                             purge_step=start_step + 1 if start_step else None)
+            hyper = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
+            for summary in hparams(hyper, {}):  # in this run's own folder, beside its scalars
+                self.tensorboard.file_writer.add_summary(summary)
+        if "wandb" in names:
+            import wandb
+            id_file = out / "wandb_id"
+            run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
+            atomic_write(id_file, lambda tmp: tmp.write_text(run_id))
+            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "scott"), id=run_id, resume="allow",
+                                    dir=str(out), config=flat)
+
+    def log(self, step: int, scalars: dict):
+        for name, value in scalars.items():
+            if name != "step" and self.tensorboard:
+                self.tensorboard.add_scalar(name, value, step)
+        if self.wandb:
+            self.wandb.log({k: v for k, v in scalars.items() if k != "step"}, step=step)
+
+    def image(self, step: int, name: str, path: Path):
+        """A PNG the run wrote (a sample grid)."""
+        if self.tensorboard:
+            import numpy as np
+            from PIL import Image
+            self.tensorboard.add_image(name, np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
+        if self.wandb:
+            import wandb
+            self.wandb.log({name: wandb.Image(str(path))}, step=step)
+
+    def close(self):
+        if self.tensorboard:
+            self.tensorboard.close()
+        if self.wandb:
+            self.wandb.finish()

@@ -50,8 +50,8 @@ from consistency import ConsistencyConfig, ema_update, scott_loss
 from data import DataConfig, build_latent_cache, make_loader
 from discriminator import Discriminator, DiscriminatorConfig, d_hinge_loss, g_hinge_loss
 from lora import Adapters, LoRAConfig, LoRAStudent, key_of
-from run_folder import (check_paths, compare_configs, describe_run, find_resume, list_checkpoints, on_rank_zero,
-                        prepare_out, restore, save_checkpoint, set_aside)
+from run_folder import (Trackers, check_paths, compare_configs, describe_run, find_resume, list_checkpoints,
+                        on_rank_zero, prepare_out, restore, save_checkpoint, set_aside, tracker_names)
 from sample import generate, save_grid
 from sd15 import SD15, check_model, load_sd15, model_path
 from sde_solver import NoiseSchedule
@@ -98,6 +98,8 @@ class TrainConfig:
     channels_last: bool = setting(False, "channels-last memory format for the UNets' convolutions")
     # -- logs, checkpoints, safety
     log_every: int = setting(10, "steps between progress lines (and log.jsonl records)", at_least=1)
+    log_to: str = setting("", "experiment trackers, comma-separated: tensorboard, wandb (rank 0; a resumed run "
+                              "continues the same run; needs the package)")
     ckpt_every: int = setting(1000, "steps between checkpoints", at_least=1)
     sample_every: int = setting(1000, "steps between PNG grids of fixed prompts at 1, 2 and 4 steps; 0 = never",
                                 at_least=0)
@@ -496,6 +498,7 @@ class Run:
     out: Path
     model: Path
     grid_prompts: list[str]        # the training grids' prompts: the model folder's own, else SD1.5's
+    trackers: Trackers | None = None  # rank 0's --log-to trackers, once the run has started
 
     @property
     def master(self) -> bool:
@@ -524,6 +527,7 @@ def start_run(cfg: TrainConfig, consistency, disc_cfg, data_cfg) -> Run:
     except CheckpointError as e:
         raise SystemExit(f"--model {e}") from None
     check_paths(cfg, model)  # an --out or --cache-to that is, holds or lies inside an input
+    tracker_names(cfg.log_to)  # an unknown tracker or a missing package, before anything is loaded
     if cfg.micro_batch == 0:  # no accumulation: each rank takes an equal share of the global batch
         cfg = dataclasses.replace(cfg, micro_batch=max(1, cfg.global_batch // world))
     if cfg.global_batch % (cfg.micro_batch * world):
@@ -600,6 +604,8 @@ def log_progress(run: Run, step: int, stats: StepStats, lr: float, per_step: flo
           f"skipped {record['skipped_images']} | eta {record['eta_s'] / 60:.1f} min", flush=True)
     with open(run.out / "log.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
+    if run.trackers:
+        run.trackers.log(step, record)
 
 
 def train(run: Run, models: Models, opt, d_opt, generator, loader, counters: dict, start_step: int, stop: dict,
@@ -640,8 +646,10 @@ def train(run: Run, models: Models, opt, d_opt, generator, loader, counters: dic
             dt, t_last = time.time() - t_last, time.time()
             log_progress(run, step, stats, lr, dt / (step % cfg.log_every or cfg.log_every), counters)
         if run.master and cfg.sample_every and step % cfg.sample_every == 0:
-            write_sample_grid(run.out / f"samples-{step:07d}.png", models, run.grid_prompts,
-                              run.data_cfg.resolution, run.consistency, run.autocast)
+            grid = run.out / f"samples-{step:07d}.png"
+            write_sample_grid(grid, models, run.grid_prompts, run.data_cfg.resolution, run.consistency, run.autocast)
+            if run.trackers:
+                run.trackers.image(step, "samples", grid)
 
         # A signal may reach one rank only: every rank stops at the same step boundary.
         signalled = all_reduce_max(torch.tensor(float(stop["signal"] is not None), device=run.device)).item() > 0
@@ -675,9 +683,11 @@ def main(argv=None):
     if resume:
         restore(resume, models, opt, d_opt, generator, run.cfg, run.rank, run.world, run.device, run.master)
         counters = resume.state["counters"]
+    configs = run.configs()
     if run.master:
         print_summary(run, models, start_step, resume)
-    configs = run.configs()
+        if run.cfg.log_to:
+            run.trackers = Trackers(tracker_names(run.cfg.log_to), run.out, configs, start_step)
     save = lambda step: save_checkpoint(run.out, step, models, opt, d_opt, generator, counters, configs,  # noqa: E731
                                         run.cfg.keep_checkpoints, run.rank)
     del resume  # its CPU copies of the student and target are no longer needed
@@ -687,6 +697,8 @@ def main(argv=None):
 
     # DDP's reducer holds the process group. Freed after destroy_process_group, it would tear the group down while
     # holding the GIL, which can deadlock gloo's worker thread at exit (pytorch/pytorch#56297): free it first.
+    if run.trackers:
+        run.trackers.close()
     del models, save
     gc.collect()
     if dist.is_initialized():
