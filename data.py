@@ -68,6 +68,7 @@ from config import check_settings, setting
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")  # image files/keys, in order of preference
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")  # PIL decoders tried (JPEG includes cameras' MPO)
 CAPTION_EXTS = ("txt", "json")
+SHARD_SUFFIXES = (".tar", ".parquet")         # webdataset tar shards; Hugging Face parquet files
 MAX_IMAGE_BYTES = 64 << 20                    # an image file or tar member above this is skipped, unread
 MAX_CAPTION_BYTES = 1 << 20                   # likewise for .txt / .json captions (LAION's are a few hundred bytes)
 MANIFEST = "manifest.json"                    # marks a latent cache folder; written last, so only complete caches
@@ -88,6 +89,9 @@ class DataConfig:
     num_workers: int = setting(4, "DataLoader worker processes per rank; 0 = decode in the training process",
                                at_least=0)
     data_seed: int = setting(0, "seed of the epoch order, the shuffle buffer and the random crops", at_least=0)
+    image_column: str = setting("image", "parquet data: the image column ({bytes, path} structs or raw bytes)")
+    caption_column: str = setting("", "parquet data: the caption column; \"\" = the first of "
+                                      + ", ".join(("text", "caption", "prompt")))
 
     def __post_init__(self):
         check_settings(self)
@@ -275,6 +279,59 @@ def read_tar_records(path: Path):
         yield Record(f"{path}:{key}", files, error=problem)
 
 
+PARQUET_CAPTIONS = ("text", "caption", "prompt")  # caption columns looked for, in order (DataConfig.caption_column)
+
+
+def import_parquet():
+    """pyarrow.parquet, or a clear error: parquet data is an optional extra."""
+    try:
+        import pyarrow.parquet
+        return pyarrow.parquet
+    except ImportError:
+        raise ValueError("parquet --data needs pyarrow: pip install pyarrow") from None
+
+
+def parquet_columns(schema, path: Path, cfg) -> tuple[str, str]:
+    """(image column, caption column) of a parquet file, by name (DataConfig.image_column, caption_column)."""
+    names = schema.names
+    captions = [cfg.caption_column] if cfg.caption_column else list(PARQUET_CAPTIONS)
+    caption = next((c for c in captions if c in names), None)
+    if cfg.image_column not in names or caption is None:
+        raise ValueError(f"data {path}: needs an image column {cfg.image_column!r} and a caption column (one of "
+                         f"{', '.join(map(repr, captions))}); it has {names}. Name them with --image-column and "
+                         f"--caption-column.")
+    return cfg.image_column, caption
+
+
+def read_parquet_records(path: Path, cfg):
+    """The rows of one parquet file (Hugging Face's layout: an image column of {bytes, path} structs, as `datasets`
+    writes an Image feature, or of raw bytes, and a caption column), read a row group at a time, so memory is
+    bounded by one row group. A row without image bytes or caption is a Record with an error (skipped and counted);
+    a damaged file yields the rows before the damage, then one such Record."""
+    name = f"{path}:"
+    try:
+        file = import_parquet().ParquetFile(path)
+        columns = parquet_columns(file.schema_arrow, path, cfg)
+        row = 0
+        for group in range(file.num_row_groups):
+            table = file.read_row_group(group, columns=list(columns))
+            for image, caption in zip(*(table.column(c).to_pylist() for c in columns)):
+                name, row = f"{path}:{row}", row + 1
+                data = image.get("bytes") if isinstance(image, dict) else image
+                if not isinstance(data, bytes) or not isinstance(caption, str):
+                    yield Record(name, {}, error="no image bytes" if not isinstance(data, bytes) else "no caption")
+                elif len(data) > MAX_IMAGE_BYTES:
+                    yield Record(name, {}, error=f"the image is larger than {MAX_IMAGE_BYTES} bytes, the cap")
+                else:  # the key only marks an image: its format is read from the bytes
+                    yield Record(name, {"jpg": data, "txt": caption.encode("utf-8")})
+    except ValueError as e:
+        if "needs an image column" in str(e) or "pip install pyarrow" in str(e):
+            raise
+        yield Record(name, {}, error=f"corrupt parquet file, rest of file lost ({type(e).__name__}: {e})")
+    except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for damaged files; none may end the run
+        yield Record(name, {}, error=f"corrupt parquet file, rest of file lost ({type(e).__name__}: {e})")
+
+
 def open_shard(path: Path):
     """A shard as a stream of tar bytes, decompressed if it is gzip, bzip2 or xz (told by its first bytes).
 
@@ -388,9 +445,9 @@ class ImageTextStream(ReaderStream):
             return
         shards = [self.shards[i] for i in order]
         if len(shards) >= n_readers:
-            records = itertools.chain.from_iterable(map(read_tar_records, shards[reader::n_readers]))
+            records = itertools.chain.from_iterable(map(self.read_shard, shards[reader::n_readers]))
         else:  # too few shards to deal out: everyone reads all of them and keeps every n-th sample, from an offset
-            records = itertools.chain.from_iterable(map(read_tar_records, shards))  # that moves on every epoch, so
+            records = itertools.chain.from_iterable(map(self.read_shard, shards))  # that moves on every epoch, so
             records = itertools.islice(records, (reader + epoch) % n_readers, None, n_readers)  # no slice stays bad
         yield from shuffle_buffer(records, self.cfg.shuffle_buffer,
                                   seeded_generator(self.cfg.data_seed, "buffer", epoch, reader))
@@ -419,6 +476,10 @@ class ImageTextStream(ReaderStream):
                                    "first few of each reader and why). Fix or replace the files, or point --data "
                                    "elsewhere.")
 
+    def read_shard(self, path: Path):
+        """The records of one shard: a .parquet file's rows, or a tar's samples."""
+        return read_parquet_records(path, self.cfg) if path.suffix.lower() == ".parquet" else read_tar_records(path)
+
     def decode(self, record: Record) -> tuple[Image.Image, str]:
         """decode_sample, with every error of one sample (whatever its type) turned into SkipSample."""
         try:
@@ -434,7 +495,7 @@ class ImageTextStream(ReaderStream):
         if not self.found_a_sample:
             files = self.images or self.shards
             records = map(read_file_record, files) if self.images else itertools.chain.from_iterable(
-                map(read_tar_records, files))
+                map(self.read_shard, files))
             self.found_a_sample = any(self.usable(record) for record in records)
         return self.found_a_sample
 
@@ -444,7 +505,7 @@ class ImageTextStream(ReaderStream):
         more). make_loader calls it, so data without a single usable sample fails before any model is loaded."""
         files = self.images or self.shards
         records = map(read_file_record, files) if self.images else itertools.chain.from_iterable(
-            map(read_tar_records, files))
+            map(self.read_shard, files))
         skipped = []
         for record in records:
             try:
@@ -486,18 +547,24 @@ def find_images_and_shards(path: Path) -> tuple[list[Path], list[Path]]:
         raise ValueError(f"data {path}: not a regular file or folder (a FIFO, socket or device?); pass a folder "
                          "of images or shards, or one .tar.")
     if path.is_file():
-        if path.suffix.lower() != ".tar":
-            raise ValueError(f"data {path}: a file must be a .tar shard; or pass a folder of images or shards.")
-        return [], [path]
-    files = sorted(p for p in path.rglob("*") if p.is_file())
-    images = [p for p in files if p.suffix[1:].lower() in IMAGE_EXTS]
-    shards = [p for p in files if p.suffix.lower() == ".tar"]
+        if path.suffix.lower() not in SHARD_SUFFIXES:
+            raise ValueError(f"data {path}: a file must be a .tar shard or a .parquet file; or pass a folder of "
+                             "images or shards.")
+        shards = [path]
+    else:
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        images = [p for p in files if p.suffix[1:].lower() in IMAGE_EXTS]
+        shards = [p for p in files if p.suffix.lower() in SHARD_SUFFIXES]
+    if any(p.suffix.lower() == ".parquet" for p in shards):
+        import_parquet()  # the optional extra, checked before anything else
+    if path.is_file():
+        return [], shards
     if images and shards:
         raise ValueError(f"data {path}: holds both {len(images)} images and {len(shards)} .tar shards; point --data "
                          "at a folder of one kind.")
     if not images and not shards:
-        raise ValueError(f"data {path}: no images found (looked for *.{', *.'.join(IMAGE_EXTS)} and *.tar, "
-                         "recursively); the folder is empty or holds other files.")
+        raise ValueError(f"data {path}: no images found (looked for *.{', *.'.join(IMAGE_EXTS)}, *.tar and "
+                         "*.parquet, recursively); the folder is empty or holds other files.")
     return images, shards
 
 
