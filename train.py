@@ -103,6 +103,8 @@ class TrainConfig:
     ckpt_every: int = setting(1000, "steps between checkpoints", at_least=1)
     sample_every: int = setting(1000, "steps between PNG grids of fixed prompts at 1, 2 and 4 steps; 0 = never",
                                 at_least=0)
+    sample_prompts: str = setting("", "a text file of the grids' prompts, one a line (# comments and blank lines "
+                                      "ignored); \"\" = the model folder's own, else three SD1.5 prompts")
     keep_checkpoints: int = setting(2, "the newest N checkpoints of this run are kept", at_least=1)
     max_nonfinite: int = setting(5, "stop after this many non-finite steps in a row", at_least=1)
     check_sync_every: int = setting(0, "every N steps assert that all ranks hold identical weights; 0 = never",
@@ -533,9 +535,22 @@ def start_run(cfg: TrainConfig, consistency, disc_cfg, data_cfg) -> Run:
     if cfg.global_batch % (cfg.micro_batch * world):
         raise SystemExit(f"--global-batch {cfg.global_batch} is not a multiple of micro-batch {cfg.micro_batch} × "
                          f"world size {world}; choose --micro-batch so that it is.")
-    return Run(cfg, consistency, disc_cfg, data_cfg, rank, world, device,
-               cfg.global_batch // (cfg.micro_batch * world), Path(cfg.out), model,
+    prompts = (read_prompts(cfg.sample_prompts) if cfg.sample_prompts else
                model_settings(model, "sample").get("grid_prompts", SD15_SAMPLE_PROMPTS))
+    return Run(cfg, consistency, disc_cfg, data_cfg, rank, world, device,
+               cfg.global_batch // (cfg.micro_batch * world), Path(cfg.out), model, prompts)
+
+
+def read_prompts(path: str) -> list[str]:
+    """--sample-prompts: one prompt a line, blank lines and # comments left out; SystemExit if it has none."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"--sample-prompts {path}: cannot read it ({e}); pass a UTF-8 text file, one prompt a line.")
+    prompts = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    if not prompts:
+        raise SystemExit(f"--sample-prompts {path}: holds no prompt (one a line; # starts a comment).")
+    return prompts
 
 
 def open_out(run: Run):

@@ -72,3 +72,20 @@ def test_a_missing_package_or_an_unknown_tracker_is_named_before_loading(tiny_mo
     monkeypatch.setattr(builtins, "__import__", no_wandb)
     with pytest.raises(SystemExit, match="pip install wandb"):
         run(tiny_model, data, tmp_path / "b", "--log-to", "tensorboard,wandb")
+
+
+def test_sample_prompts_file_sets_the_grids_prompts(tiny_model, data, tmp_path, monkeypatch):
+    from PIL import Image
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# my fine-tune's probes\na red bicycle\n\n  a cat in a hat  \n")
+    out = tmp_path / "run"
+    run(tiny_model, data, out, "--sample-prompts", str(prompts), "--sample-every", "1", "--stop-after", "1")
+    grid = Image.open(out / "samples-0000001.png")
+    assert json.loads(grid.text["prompts"]) == ["a red bicycle", "a cat in a hat"]
+    assert grid.size[0] == 2 * 32  # one column per prompt
+
+    monkeypatch.setattr(train, "load_sd15", lambda *a, **k: pytest.fail("loaded a model first"))
+    (tmp_path / "empty.txt").write_text("# nothing but a comment\n\n")
+    for bad, message in ((tmp_path / "empty.txt", "holds no prompt"), (tmp_path / "missing.txt", "cannot read")):
+        with pytest.raises(SystemExit, match=message):
+            run(tiny_model, data, tmp_path / "c", "--sample-prompts", str(bad))
