@@ -56,7 +56,8 @@ def save_checkpoint(out: Path, step: int, models, opt, d_opt, generator, counter
         final, tmp = out / f"step-{step:07d}", out / f".tmp-step-{step:07d}"
         state = {"step": step, "optimizer": opt.state_dict(), "d_optimizer": d_opt.state_dict() if d_opt else None,
                  "discriminator": models.disc.state_dict() if models.disc else None, "rng": all_rng,
-                 "counters": counters, "config": configs}
+                 "counters": counters, "config": configs,
+                 "scalers": [sc.state_dict() for sc in models.scalers] if models.scalers else None}
         try:
             write_checkpoint(tmp, models, state)
             publish(tmp, final)
@@ -368,6 +369,9 @@ def restore(resume: Resume, models, opt, d_opt, generator, cfg, rank: int, world
     for module, saved, name in ((models.student, resume.student, "student"), (models.target, resume.target, "target")):
         restore_student(module, saved, name, resume.folder)
     opt.load_state_dict(state["optimizer"])
+    if models.scalers and state.get("scalers"):  # --fp16: the gradient scales where they were
+        for scaler, saved in zip(models.scalers, state["scalers"]):
+            scaler.load_state_dict(saved)
     saved_d = state["discriminator"]
     if models.disc and saved_d is not None and shapes(saved_d) == shapes(models.disc.state_dict()):
         models.disc.load_state_dict(saved_d)

@@ -93,6 +93,8 @@ class TrainConfig:
     d_warmup: int = setting(0, "the first N steps train D but give the student no adversarial term", at_least=0)
     # -- speed and memory
     bf16: bool = setting(torch.cuda.is_available(), "bf16 autocast, frozen nets stored in bf16")
+    fp16: bool = setting(False, "fp16 autocast with gradient scalers instead of bf16, for GPUs without fast bf16 "
+                                "(T4, V100); frozen nets stored in fp16")
     compile: bool = setting(False, "torch.compile the student, target and teacher")
     grad_checkpointing: bool = setting(False, "recompute the student's activations in backward (less memory)")
     channels_last: bool = setting(False, "channels-last memory format for the UNets' convolutions")
@@ -121,6 +123,8 @@ class TrainConfig:
 
     def __post_init__(self):
         check_settings(self)
+        if self.fp16:
+            self.bf16 = False  # one autocast dtype: --fp16 replaces the bf16 default
         # The LoRA student's adapters are forward hooks on the teacher, present only while the student runs.
         if self.student_lora_rank and self.grad_checkpointing:
             raise ValueError("--grad-checkpointing does not combine with --student-lora-rank: the adapters are "
@@ -241,6 +245,7 @@ class Models:
     target_fwd: torch.nn.Module
     teacher_fwd: torch.nn.Module
     ddp: DDP | None                # the student's DDP wrapper (for no_sync), None at world size 1
+    scalers: tuple | None = None   # --fp16: the student's and D's GradScaler, saved with every checkpoint
 
 
 def build_models(bundle: SD15, cfg: TrainConfig, consistency: ConsistencyConfig, disc_cfg: DiscriminatorConfig,
@@ -248,7 +253,8 @@ def build_models(bundle: SD15, cfg: TrainConfig, consistency: ConsistencyConfig,
     """From the teacher bundle loaded in fp32 on `device`: make the student and its target from the teacher, then
     cast the frozen nets (bf16 on GPU when --bf16). D's and a LoRA student's initialisations draw from torch's
     global RNG: seed it identically on every rank before calling this."""
-    frozen_dtype = torch.bfloat16 if cfg.bf16 and device.type == "cuda" else torch.float32
+    frozen_dtype = {(True, False): torch.bfloat16, (False, True): torch.float16}.get((cfg.bf16, cfg.fp16))
+    frozen_dtype = frozen_dtype if frozen_dtype and device.type == "cuda" else torch.float32
     if cfg.student_lora_rank:
         student, target = make_lora_student(bundle.unet, cfg, consistency)
     else:  # the student records the boundary scalings it is trained with, so every sampler reads them from it
@@ -269,8 +275,9 @@ def build_models(bundle: SD15, cfg: TrainConfig, consistency: ConsistencyConfig,
     ddp = DDP(student, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else None
     student_fwd = ddp or student
     maybe_compile = torch.compile if cfg.compile else (lambda m: m)  # never with a LoRA student (TrainConfig)
+    scalers = (torch.amp.GradScaler(device.type), torch.amp.GradScaler(device.type)) if cfg.fp16 else None
     return Models(bundle, student, target, teacher, disc, NoiseSchedule(bundle.alphas_cumprod.to(device)), uncond,
-                  maybe_compile(student_fwd), maybe_compile(target), maybe_compile(teacher), ddp)
+                  maybe_compile(student_fwd), maybe_compile(target), maybe_compile(teacher), ddp, scalers)
 
 
 def make_lora_student(teacher: torch.nn.Module, cfg: TrainConfig, consistency: ConsistencyConfig):
@@ -317,6 +324,7 @@ class StepStats:
     loss_d: torch.Tensor      # discriminator hinge loss (0 without D, or when the step was skipped)
     grad_norm: torch.Tensor   # the student's gradient norm before clipping
     applied: bool             # False: a non-finite loss or gradient on some rank, nothing was updated
+    overflow: bool = False    # --fp16: finite losses but overflowing gradients; the scaler lowered its scale
 
 
 def encode_batch(batch: dict, bundle: SD15, device, autocast) -> MicroBatch:
@@ -397,11 +405,16 @@ def student_backward(models: Models, micro_batches: list[MicroBatch], cfg: Train
                     loss_g += g_loss.detach() / n
                     adv_weight += weight / n
                 fakes.append(Fake(z0, res.x_student.detach(), cond, t_d, noise_d))
-            (loss / n).backward()
+            scaled(models, 0, loss / n).backward()
         loss_cd += res.loss.detach() / n
     if models.disc:
         models.disc.requires_grad_(True)
     return loss_cd, loss_g, adv_weight, fakes
+
+
+def scaled(models: Models, which: int, loss: torch.Tensor) -> torch.Tensor:
+    """The loss to call backward on: with --fp16, multiplied by the student's (0) or D's (1) gradient scale."""
+    return models.scalers[which].scale(loss) if models.scalers else loss
 
 
 def discriminator_backward(models: Models, fakes: list[Fake], renoise: bool, autocast) -> torch.Tensor:
@@ -414,7 +427,7 @@ def discriminator_backward(models: Models, fakes: list[Fake], renoise: bool, aut
                                                                           renoise), f.cond)
                       for z in (f.z0, f.x_student)]                         # D(real), D(fake)
             d_loss = d_hinge_loss(*logits)
-        (d_loss / len(fakes)).backward()
+        scaled(models, 1, d_loss / len(fakes)).backward()
         loss_d += d_loss.detach() / len(fakes)
     average_gradients(models.disc)
     return loss_d
@@ -428,19 +441,36 @@ def train_step(models: Models, opt, d_opt, micro_batches: list[MicroBatch], cfg:
     the EMA update of the target. The trainer's loop, the tests and tools/bench.py all run exactly this."""
     loss_cd, loss_g, adv_weight, fakes = student_backward(models, micro_batches, cfg, consistency, renoise, generator,
                                                           autocast, adversarial=step >= cfg.d_warmup)
+    scaler, d_scaler = models.scalers or (None, None)
+    if scaler:
+        scaler.unscale_(opt)  # clip and check the true gradients
     grad_norm = torch.nn.utils.clip_grad_norm_(models.student.parameters(), cfg.grad_clip)
-    nonfinite = all_reduce_max((~torch.isfinite(loss_cd + loss_g + grad_norm)).float())
-    if nonfinite.item() > 0:  # the one host sync of the step: every rank takes the same branch
+    bad = all_reduce_max(torch.stack([~torch.isfinite(loss_cd + loss_g), ~torch.isfinite(grad_norm)]).float())
+    bad_loss, bad_grad = bad.tolist()  # the one host sync of the step: every rank takes the same branch
+    if bad_loss or bad_grad:
+        if scaler:
+            scaler.update()  # lowers the scale: unscale_ recorded the overflow
         opt.zero_grad(set_to_none=True)
-        return StepStats(loss_cd, loss_g, adv_weight, torch.zeros_like(loss_cd), grad_norm, applied=False)
-    opt.step()
+        return StepStats(loss_cd, loss_g, adv_weight, torch.zeros_like(loss_cd), grad_norm, applied=False,
+                         overflow=bool(scaler and not bad_loss))
+    if scaler:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
     opt.zero_grad(set_to_none=True)
 
     loss_d = torch.zeros_like(loss_cd)
     if models.disc:
         loss_d = discriminator_backward(models, fakes, renoise, autocast)
+        if d_scaler:
+            d_scaler.unscale_(d_opt)
         torch.nn.utils.clip_grad_norm_(models.disc.parameters(), cfg.grad_clip)
-        d_opt.step()
+        if d_scaler:
+            d_scaler.step(d_opt)  # skips the step itself if D's gradients overflowed
+            d_scaler.update()
+        else:
+            d_opt.step()
         d_opt.zero_grad(set_to_none=True)
 
     ema_update(models.target, models.student, consistency.ema_decay)  # θ⁻ ← μ θ⁻ + (1 − μ) θ
@@ -508,7 +538,9 @@ class Run:
 
     @property
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.cfg.bf16 else nullcontext()
+        if not (self.cfg.bf16 or self.cfg.fp16):
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.float16 if self.cfg.fp16 else torch.bfloat16)
 
     def configs(self) -> dict:
         """The effective configuration, as every checkpoint records it (run_folder.describe_run)."""
@@ -586,7 +618,7 @@ def print_summary(run: Run, models: Models, start_step: int, resume):
     cfg, c = run.cfg, run.consistency
     n_params = sum(p.numel() for p in models.student.parameters())
     print(f"model {run.model}, student {n_params / 1e6:.1f}M params, device {run.device}, world {run.world}, "
-          f"bf16 {cfg.bf16}")
+          f"autocast {'fp16 (gradient scalers)' if cfg.fp16 else 'bf16' if cfg.bf16 else 'off'}")
     if isinstance(models.student, LoRAStudent):
         print(f"LoRA student: rank {cfg.student_lora_rank} on {len(models.student.adapters)} layers of the "
               f"teacher, {100 * n_params / sum(p.numel() for p in models.teacher.parameters()):.2f}% of the UNet; "
@@ -642,6 +674,9 @@ def train(run: Run, models: Models, opt, d_opt, generator, loader, counters: dic
         stats = train_step(models, opt, d_opt, micro_batches, cfg, run.consistency, run.disc_cfg.renoise,
                            generator, run.autocast, step)
 
+        if stats.overflow:  # --fp16: the gradients overflowed at this scale; the scaler lowered it, try again
+            counters["overflow_steps"] = counters.get("overflow_steps", 0) + 1
+            continue
         if not stats.applied:  # a non-finite loss or gradient on some rank: nothing was updated
             counters["nonfinite_steps"] += 1
             nonfinite_in_a_row += 1
