@@ -61,6 +61,7 @@ from PIL import Image, ImageOps
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from tqdm.auto import tqdm
 
 from checkpoint import atomic_write
 from config import check_settings, setting
@@ -600,7 +601,10 @@ def build_latent_cache(source: DataConfig, encode_images, encode_texts, out_dir,
             del pending[key][:n]
 
     samples = stream.samples(reader=0, n_readers=1, skips=skips, epochs=[0])
+    # A bar with an ETA on a terminal (hours on a LAION subset), nothing in a log file; shards have no known length.
+    bar = tqdm(total=len(stream.images) or None, desc="latent cache", unit="img", disable=not sys.stderr.isatty())
     while chunk := list(itertools.islice(samples, batch_size)):
+        bar.update(len(chunk))
         images = torch.stack([stream.materialize(s)["image"] for s in chunk])
         captions = [caption for _, caption, _ in chunk]
         with torch.no_grad():
@@ -615,6 +619,7 @@ def build_latent_cache(source: DataConfig, encode_images, encode_texts, out_dir,
         pending["caption"] += captions
         while len(pending["caption"]) >= shard_size:
             write_shard(shard_size)
+    bar.close()
     if pending["caption"]:
         write_shard(len(pending["caption"]))
     manifest = {"format": CACHE_FORMAT, "resolution": cfg.resolution, "count": sum(s["count"] for s in shards),

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import transformers
 from PIL import Image
+from tqdm.auto import tqdm
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -112,7 +113,7 @@ def inception_features(inception, paths, size: int, crop: bool, batch: int = 50)
     """Features (N, F) float32 of image files through the resize chain (module docstring) and the Inception."""
     device = next(inception.parameters()).device
     out = []
-    for i in range(0, len(paths), batch):
+    for i in tqdm(range(0, len(paths), batch), desc="inception", unit="batch", disable=not sys.stderr.isatty()):
         pixels = np.stack([load_rgb(p, size, crop) for p in paths[i:i + batch]])      # (B, S, S, 3) uint8
         x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(255)            # (B, 3, S, S) in [0, 1]
         out.append(inception(x.to(device)).float().cpu())
@@ -176,7 +177,7 @@ def generate_missing(folder: Path, entries, my_slice: range, make_images, batch:
     print(f"{folder.name}: {len(my_slice) - len(todo)}/{len(my_slice)} images already there, {len(todo)} to make",
           flush=True)
     written, t0 = 0, time.time()
-    for run in contiguous_runs(todo, batch):
+    for run in tqdm(contiguous_runs(todo, batch), desc="generate", unit="batch", disable=not sys.stderr.isatty()):
         if stop_after and written >= stop_after:
             print(f"stopping after {written} images (--stop-after)", flush=True)
             break

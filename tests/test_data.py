@@ -307,3 +307,23 @@ def test_bad_paths_and_settings_fail_at_construction(tmp_path, datasets):
         make_loader(DataConfig(path=str(datasets["folder"]), resolution=20), 2)
     with pytest.raises(ValueError, match=r"rank 2 is not in \[0, world_size 2\)"):
         make_loader(DataConfig(path=str(datasets["folder"]), resolution=RES), 2, rank=2, world_size=2)
+
+
+def test_the_latent_cache_shows_progress_on_a_terminal_and_stays_quiet_in_a_log(tmp_path, monkeypatch, capsys):
+    import io
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    data = write_folder_dataset(tmp_path / "images", n=6)
+    source = DataConfig(path=str(data), resolution=RES)
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    build_latent_cache(source, fake_encode_images, fake_encode_texts, tmp_path / "a", batch_size=2)
+    shown = terminal.getvalue()
+    assert "latent cache" in shown and "6/6" in shown  # the count of its total, so an ETA
+    monkeypatch.undo()
+    capsys.readouterr()
+    build_latent_cache(source, fake_encode_images, fake_encode_texts, tmp_path / "b", batch_size=2)
+    assert "latent cache" not in capsys.readouterr().err  # a log file gets no bar

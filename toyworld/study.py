@@ -31,6 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 import run_folder
 from checkpoint import OutputRefused, refuse_overlap
 from sd15 import TOY_FOLDER
@@ -272,7 +274,7 @@ def main(argv=None):
             teacher = pool.submit(score, teacher_file, ["--teacher-steps", *map(str, TEACHER_STEPS)], 1)
             futures = [pool.submit(train_and_score, row, out / slug(row.flags) / f"seed-{seed}", seed, 1)
                        for row, seed in run_now]
-            for future in futures:
+            for future in tqdm(futures, desc="toy study runs", unit="run", disable=not sys.stderr.isatty()):
                 future.result()
                 write_results(out, order, args.seeds, teacher.result())  # rewritten as each run finishes
     if not teacher_file.is_file():
