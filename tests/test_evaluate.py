@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import evaluate
+from sd15 import TOY_FOLDER
 from metrics import fid
 from toyworld import toy
 from toyworld import study
@@ -125,7 +126,8 @@ def test_train_save_load_round_trip(tmp_path):
 def test_command_line_scores_the_shipped_models(tmp_path, capsys):
     """The commands the README tables come from, at their smallest: the data row, a 1-step teacher row and a 1-step
     student row, printed and written as JSON; study.py reads that JSON back into its table."""
-    for who, flags in {"teacher": ["--teacher-steps", "1"], "student": ["--student", "toy/student", "--steps", "1"]}.items():
+    student = ["--student", str(TOY_FOLDER / "student"), "--steps", "1"]  # absolute: tests run in tmp folders
+    for who, flags in {"teacher": ["--teacher-steps", "1"], "student": student}.items():
         evaluate.main([*flags, "--json", str(tmp_path / f"{who}.json")])
     out = capsys.readouterr().out
     rows = json.loads((tmp_path / "student.json").read_text())
