@@ -411,7 +411,8 @@ def test_fused_qkv_saves_the_checkpoints_own_keys_byte_identical(tmp_path):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     other = make_student(UNet(UNetConfig.tiny()), 16)
     fused.load_state_dict(other.state_dict())
-    assert all(torch.equal(a, b) for a, b in zip(fused.state_dict().values(), other.state_dict().values()))
+    loaded, wanted = fused.state_dict(), other.state_dict()
+    assert loaded.keys() == wanted.keys() and all(torch.equal(loaded[k], wanted[k]) for k in wanted)
 
 
 def test_fused_qkv_refuses_adapters():
