@@ -134,17 +134,20 @@ def consistency_loop(unet, x: torch.Tensor, cond, w, plan: ConsistencyPlan) -> t
     return x0_hat
 
 
-def prepare_sampler(unet, vae, compile: bool = False, cuda_graphs: bool = False, dtype=torch.float32):
+def prepare_sampler(unet, vae, compile: bool = False, cuda_graphs: bool = False, dtype=torch.float32,
+                    backend: str = "inductor"):
     """(unet, decode) for generate: the UNet as it is or torch.compile'd whole (fullgraph=True: a graph break is an
     error, not a silent slow path; `cuda_graphs`: mode="reduce-overhead", CUDA graphs replaying the kernels), and
     the VAE decode in `dtype` (vae.decode_dtype), compiled with it. A VAE whose weights are not in `dtype` is
-    converted once, in place, so the decode makes no per-call weight copies."""
+    converted once, in place, so the decode makes no per-call weight copies. `backend`: torch.compile's ("eager"
+    traces with Dynamo only: a quick check that the graphs are whole)."""
     if next(vae.parameters(), torch.empty(0, dtype=dtype)).dtype != dtype:
         vae.to(dtype)
     decode = lambda z: vae.decode(z, dtype=dtype)  # noqa: E731
     if compile or cuda_graphs:
-        unet = torch.compile(unet, fullgraph=True, dynamic=False, mode="reduce-overhead" if cuda_graphs else None)
-        decode = torch.compile(decode, fullgraph=True, dynamic=False)
+        mode = "reduce-overhead" if cuda_graphs and backend == "inductor" else None
+        unet = torch.compile(unet, fullgraph=True, dynamic=False, backend=backend, mode=mode)
+        decode = torch.compile(decode, fullgraph=True, dynamic=False, backend=backend)
     return unet, decode
 
 
