@@ -15,6 +15,9 @@ Every failure is a `CheckpointError` that names the file, the first offending ke
 import json
 import math
 import os
+import re
+import shutil
+import socket
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,10 +33,19 @@ SUPPORTED = ("a Stable Diffusion 1.x checkpoint: a diffusers folder (model_index
              "its unet/ or vae/ subfolder, an original single file (.safetensors or .ckpt), or a UNet folder saved by "
              "this project")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+# The project's own keys of a component's config.json (a student's boundary scalings and ω convention) may live in
+# this file beside it, where diffusers does not read them (export.py --to pipeline puts them there); read_config
+# merges it back in.
+SCOTT_CONFIG = "scott.json"
 
 
 class CheckpointError(ValueError):
     """A weight file or folder that cannot be loaded; the message says which, why and what to do."""
+
+
+class OutputRefused(ValueError):
+    """An output path that is, holds or lies inside an input, or that --overwrite would replace though it is not an
+    earlier output of the same command; the message says which and what to do."""
 
 
 class LazyWeights(Mapping):
@@ -93,6 +105,11 @@ def open_weights(path) -> Mapping:
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{path}: not a readable safetensors file ({e}). The file may be truncated or "
                                   f"corrupt (an interrupted download?): download or copy it again.") from None
+        except (RuntimeError, MemoryError) as e:  # safe_open maps the whole file: a huge (or sparse) one may not fit
+            raise CheckpointError(f"{path}: cannot be memory-mapped ({type(e).__name__}: {str(e)[:200]}); the "
+                                  f"file is {path.stat().st_size / 1e9:.1f} GB. It is larger than "
+                                  "this process may map (ulimit -v?) or not a real checkpoint: check the file, or "
+                                  "raise the limit.") from None
     if path.suffix in PICKLE_SUFFIXES:
         return _load_pickle(path)
     raise CheckpointError(f"{path}: unknown weight file type {path.suffix!r}; expected .safetensors or "
@@ -140,6 +157,8 @@ def read_config(path) -> dict:
         raise CheckpointError(f"{path}: not valid JSON ({type(e).__name__}: {e}).") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: expected a JSON object, found {type(config).__name__}.")
+    if path.name == "config.json" and path.with_name(SCOTT_CONFIG).is_file():
+        config = {**config, **read_config(path.with_name(SCOTT_CONFIG))}  # our keys, kept out of diffusers' way
     return config
 
 
@@ -260,13 +279,107 @@ def load_strict(module: torch.nn.Module, weights: Mapping, source, device="cpu",
     return module
 
 
+# ---- writing: atomic files, their leftovers, and outputs that must not touch the inputs -----------------------------
+
+HOST = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname()) or "host"
+# .NAME.<pid>@<host>.tmp (being written) and .NAME.<pid>@<host>.old (the output it replaces, moved aside between the
+# two renames of a folder's --overwrite); older versions wrote .NAME.<pid>.tmp, without the host.
+LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)(?:@(?P<host>[A-Za-z0-9_-]+))?\.(?P<kind>tmp|old)")
+
+
+def temporary_name(path: Path, kind: str = "tmp") -> Path:
+    """Where this process writes (kind "tmp") or moves aside (kind "old") `path` before renaming: .NAME.<pid>@<host>.KIND
+    beside it, so that a later run can tell whose it is (clean_leftovers)."""
+    return path.with_name(f".{path.name}.{os.getpid()}@{HOST}.{kind}")
+
+
+def file_mode() -> int:
+    """The mode open() gives a new file under the current umask (0o644 for the usual 022)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write(path, write) -> None:
     """write(tmp_path) then rename it over `path`: a reader (or a crash) sees the old file or the whole new one,
-    never half of one. Used for every weight file, config and checkpoint the project writes."""
+    never half of one. Used for every weight file, config and checkpoint the project writes. The file gets the
+    umask's mode (safetensors' save_file creates 0600 files, unreadable to a shared models folder's service).
+    A kill leaves .NAME.<pid>@<host>.tmp, which clean_leftovers removes on the next run."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temporary_name(path)
     try:
         write(tmp)
+        if tmp.is_file() and not tmp.is_symlink():
+            os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host (one we may not signal counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_path(path: Path) -> None:
+    """Delete a file, link or folder tree."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def clean_leftovers(folder, name: str | None = None) -> list[str]:
+    """Undo what interrupted atomic writes left in `folder` (of the output `name` only, or of any): a .tmp (partial)
+    is deleted; an .old (a complete earlier output, moved aside by an --overwrite killed between its two renames) is
+    renamed back to NAME if NAME is missing, else deleted. Only leftovers of processes of this host that are gone
+    are touched; the others (a live process, another host, an older name without the host) are reported with the
+    command that removes them. Returns what was done or found, in words, for the caller to print."""
+    folder, notes = Path(folder), []
+    if not folder.is_dir():
+        return notes
+    found = [(m, folder / m.string) for entry in sorted(os.listdir(folder)) if (m := LEFTOVER.fullmatch(entry))
+             and (name is None or m.group("name") == name)]
+    for m, path in sorted(found, key=lambda f: f[0].group("kind") == "tmp"):  # .old first: it may be restored
+        owner = f"pid {m.group('pid')} on {m.group('host') or 'an unknown host'}"
+        if m.group("host") != HOST or process_alive(int(m.group("pid"))):
+            notes.append(f"left alone {path} ({owner}, which may still be writing it); once it is not, remove it: "
+                         f"rm -r '{path}'")
+            continue
+        final = folder / m.group("name")
+        if m.group("kind") == "old" and not (final.exists() or final.is_symlink()):
+            os.replace(path, final)
+            notes.append(f"restored {final} from {path.name} (an --overwrite interrupted before the new output "
+                         f"was complete)")
+        else:
+            remove_path(path)
+            notes.append(f"removed {path} (left by an interrupted write, {owner})")
+    return notes
+
+
+def refuse_overlap(out, inputs: dict, flag: str = "--out") -> None:
+    """OutputRefused if the output `out` is, holds or lies inside one of `inputs` ({flag: path}; empty paths are
+    skipped), symbolic links resolved: writing (or --overwrite's deleting) there could destroy an input. Call it
+    before any other check of `out`: no flag makes such an output acceptable."""
+    target = Path(os.path.abspath(out)).resolve()
+    hits = []
+    for name, path in inputs.items():
+        if not path:
+            continue
+        source = Path(os.path.abspath(path)).resolve()
+        relation = ("is" if target == source else "lies inside" if source in target.parents else
+                    "holds" if target in source.parents else None)
+        if relation:
+            hits.append((("is", "lies inside", "holds").index(relation), relation, name, path, source))
+    if hits:
+        _, relation, name, path, source = min(hits, key=lambda hit: hit[0])  # the closest: "is" before the others
+        raise OutputRefused(f"{flag} {out} {relation} the input {name} {path}"
+                            f"{'' if str(source) == str(path) else f' ({source})'}: writing there could replace "
+                            f"or delete it. Choose {flag} outside every input (no flag, --overwrite included, "
+                            f"allows this).")

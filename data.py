@@ -415,8 +415,9 @@ class ImageTextStream(ReaderStream):
                 yield image, caption, crop
             if usable == 0 and not self.has_a_sample():
                 raise RuntimeError(f"data {self.path}: no usable sample in a whole pass over all {self.size()} "
-                                   f"({skips.count} skipped by reader {reader} so far; the log above names the "
-                                   "first few and why). Fix or replace the files, or point --data elsewhere.")
+                                   f"(this reader, {reader}, skipped {skips.count} in all; the log above names the "
+                                   "first few of each reader and why). Fix or replace the files, or point --data "
+                                   "elsewhere.")
 
     def decode(self, record: Record) -> tuple[Image.Image, str]:
         """decode_sample, with every error of one sample (whatever its type) turned into SkipSample."""
@@ -436,6 +437,29 @@ class ImageTextStream(ReaderStream):
                 map(read_tar_records, files))
             self.found_a_sample = any(self.usable(record) for record in records)
         return self.found_a_sample
+
+    def require_a_sample(self) -> None:
+        """RuntimeError unless the data holds a usable sample: read in file order up to the first one (one decode for
+        good data). The message names the skipped samples it counts (the first MAX_LOGGED_SKIPS, then how many
+        more). make_loader calls it, so data without a single usable sample fails before any model is loaded."""
+        files = self.images or self.shards
+        records = map(read_file_record, files) if self.images else itertools.chain.from_iterable(
+            map(read_tar_records, files))
+        skipped = []
+        for record in records:
+            try:
+                self.decode(record)
+            except SkipSample as why:
+                skipped.append(f"{record.name} ({why})")
+                continue
+            self.found_a_sample = True
+            return
+        more = len(skipped) - MAX_LOGGED_SKIPS
+        shown = "; ".join(skipped[:MAX_LOGGED_SKIPS]) + (f"; and {more} more" if more > 0 else "")
+        raise RuntimeError(f"data {self.path}: no usable sample in a whole pass over all {self.size()} "
+                           f"({len(skipped)} skipped: {shown}). An image needs a caption beside it (cat.jpg + cat.txt, "
+                           f'or cat.json with a "caption") and a short side of at least --min-size pixels. Fix or '
+                           f"replace the files, or point --data elsewhere.")
 
     def usable(self, record: Record) -> bool:
         """Whether the record decodes to a training sample."""
@@ -652,6 +676,8 @@ def make_loader(cfg: DataConfig, batch_size: int, rank: int = 0, world_size: int
     if source is not None:
         return source(batch_size, rank=rank, world_size=world_size, start_batch=start_batch, seed=seed)
     dataset = open_dataset(cfg, batch_size, rank, world_size, start_batch)
+    if isinstance(dataset, ImageTextStream):
+        dataset.require_a_sample()
     if cfg.num_workers == 0:
         batches = iter(dataset)
     else:

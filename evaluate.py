@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from metrics import coco
 from metrics import fid
-from checkpoint import atomic_write
+from checkpoint import OutputRefused, atomic_write, refuse_overlap
 from sample import generate  # the project's sampler: teacher DDIM/DDPM + CFG, or a student's consistency steps
 from sd15 import TOY_FOLDER, load_sd15
 from sde_solver import NoiseSchedule
@@ -306,6 +306,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not args.student and not args.teacher_steps:
         p.error("nothing to evaluate: pass --teacher-steps N and/or --student FOLDER")
+    try:
+        if args.json:
+            refuse_overlap(args.json, {"--model": args.model, "--student": args.student}, "--json")
+    except OutputRefused as e:
+        p.error(str(e))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = evaluate_models(args.model, args.student or None, args.steps, args.teacher_steps, args.sampler,
                            args.guidance, args.n_per_prompt, args.seed, device)

@@ -19,7 +19,11 @@ Targets:
                   LoRA file for the --model it was distilled from, which A1111, ComfyUI and diffusers'
                   load_lora_weights apply to that model or to its fine-tunes (no ω input: sample with CFG 1).
 Every output is written under a temporary name and renamed into place, so `--out` is either absent, the old
-output (with --overwrite) or the whole new one, never half written.
+output (with --overwrite) or the whole new one, never half written; what a killed export left is cleaned up by the
+next one (checkpoint.clean_leftovers). `--out` may never be, hold or lie inside an input (--model, --student,
+--lora, --tokenizer), and --overwrite replaces only an earlier output of export.py of the same --to: it carries the
+marker written here (EXPORT_MARKER in a single file's header, "_scott_export" in a folder's model_index.json or
+config.json).
 """
 import argparse
 import json
@@ -29,15 +33,17 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
-from checkpoint import LDM_TEXT_PREFIX, LDM_UNET_PREFIX, LDM_VAE_PREFIX, CheckpointError, atomic_write
+from checkpoint import (LDM_TEXT_PREFIX, LDM_UNET_PREFIX, LDM_VAE_PREFIX, SCOTT_CONFIG, CheckpointError, OutputRefused,
+                        atomic_write, clean_leftovers, refuse_overlap, temporary_name)
 from config import model_settings
 from consistency import consistency_timesteps
 from lora import ADAPTERS_FILE, load_adapters, save_kohya
 from sd15 import SD15, ldm_text_state_dict, load_sd15, model_path
 from sde_solver import NoiseSchedule
-from unet import UNet, bake_guidance, ldm_unet_state_dict, load_unet, save_unet
+from unet import STUDENT_KEYS, UNet, bake_guidance, ldm_unet_state_dict, load_unet, save_unet
 from vae import IdentityVAE, ldm_vae_state_dict, save_vae
 
 TARGETS = ("pipeline", "single-file", "diffusers-unet", "lora")
@@ -45,6 +51,8 @@ LDM_PREFIXES = (LDM_UNET_PREFIX, LDM_VAE_PREFIX, LDM_TEXT_PREFIX)  # the parts o
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 LCM_SIGMA_DATA = 0.5  # diffusers' LCMScheduler (and ComfyUI's LCM sampling) fix σ_data of the boundary scalings
 LCM_ORIGINAL_STEPS = 50  # LCM's distillation grid (consistency_timesteps' default): 999, 979, ..., 19
+EXPORT_MARKER = "scott.export"  # a single file's header entry naming the --to that wrote it (--overwrite's proof)
+FOLDER_MARKER = "_scott_export"  # the same in a folder's model_index.json / config.json (diffusers skips "_" keys)
 
 
 class ExportError(ValueError):
@@ -55,6 +63,9 @@ class ExportError(ValueError):
 
 def load_student(path) -> UNet:
     """The student UNet of `--student`, refused (ExportError) if it has no ω input."""
+    path = Path(path)
+    if (path / "student").is_dir() and not (path / "config.json").exists():
+        raise ExportError(f"--student {path}: a checkpoint folder, not a UNet; did you mean {path / 'student'}?")
     student = load_unet(path)
     if not student.config.guidance_embed_dim:
         raise ExportError(f"--student {path}: this UNet has no guidance (ω) input (no time_cond_proj_dim), so it is "
@@ -75,12 +86,50 @@ def check_same_architecture(student: UNet, teacher: UNet, student_path, model_pa
                           f"Export a student together with the model it was distilled from (train.py --model).")
 
 
-def check_out(out: Path, overwrite: bool) -> None:
-    """Refuse an existing --out unless --overwrite; its parent folder must exist."""
+def check_out(out: Path, overwrite: bool, to: str, inputs: dict) -> None:
+    """Before anything is loaded: refuse an --out that is, holds or lies inside an input (whatever --overwrite
+    says); clean up what an interrupted export of it left; refuse an existing --out unless --overwrite, and with
+    --overwrite anything but an earlier export of the same --to. Its parent folder must exist."""
+    refuse_overlap(out, inputs)
+    for note in clean_leftovers(out.parent, out.name):
+        print(note)
     if (out.exists() or out.is_symlink()) and not overwrite:
         raise ExportError(f"--out {out}: already exists. Choose another path, or pass --overwrite to replace it.")
+    if (out.exists() or out.is_symlink()) and not is_earlier_export(out, to):
+        raise OutputRefused(f"--out {out}: --overwrite replaces only an earlier output of export.py --to {to}, and "
+                            f"this is not one (no {EXPORT_MARKER if to in ('single-file', 'lora') else FOLDER_MARKER}"
+                            f" marker): it would have deleted {describe(out)}. Remove it yourself if it is no longer "
+                            f"needed, or choose another --out.")
     if not out.parent.is_dir():
         raise ExportError(f"--out {out}: its folder {out.parent} does not exist; create it first.")
+
+
+def is_earlier_export(out: Path, to: str) -> bool:
+    """Whether `out` was written by export.py --to `to`: a single file whose header names it (or, written before
+    the marker, has the scott.* sampler entries), a folder whose model_index.json / config.json does."""
+    if to in ("single-file", "lora"):
+        if not out.is_file() or out.is_symlink():
+            return False
+        try:
+            with safe_open(str(out), framework="pt") as f:
+                header = f.metadata() or {}
+        except Exception:  # not a safetensors file at all
+            return False
+        return header.get(EXPORT_MARKER, to if "scott.sampler" in header else None) == to
+    index = out / ("model_index.json" if to == "pipeline" else "config.json")
+    try:
+        return out.is_dir() and not out.is_symlink() and json.loads(index.read_text()).get(FOLDER_MARKER) == to
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def describe(path: Path) -> str:
+    """What deleting `path` would lose, in words: a file and its size, or a folder and (some of) its files."""
+    if not path.is_dir() or path.is_symlink():
+        return f"the file {path} ({path.lstat().st_size / 1e6:.1f} MB)"
+    files = sorted(str(f.relative_to(path)) for f in path.rglob("*") if not f.is_dir())
+    shown = ", ".join(files[:5]) + (f", ... ({len(files)} files in all)" if len(files) > 5 else "")
+    return f"the folder {path} and everything in it ({shown or 'empty'})"
 
 
 # ---- the LCM sampler as other programs configure it ---------------------------------------------------------------
@@ -126,21 +175,35 @@ def sampler_settings(steps: int, student: UNet, baked_guidance: float | None) ->
 def write_folder_atomically(out: Path, write) -> None:
     """write(tmp_folder), then rename it to `out` (an existing `out`, allowed by --overwrite, is moved aside first
     and deleted only once the new one is in place). On any failure the temporary folder is removed."""
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    old = out.with_name(f".{out.name}.{os.getpid()}.old")
+    tmp, old = temporary_name(out, "tmp"), temporary_name(out, "old")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
         write(tmp)
         if out.exists() or out.is_symlink():
             os.replace(out, old)
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if old.exists() or old.is_symlink():
+                os.replace(old, out)  # the old output stays until a new one is complete
+            raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink(missing_ok=True)
+
+
+def move_student_keys(folder: Path) -> None:
+    """Move a student's own config keys (unet.STUDENT_KEYS: its boundary scalings and ω convention) from
+    folder/config.json to folder/scott.json, which diffusers does not read (it warns about unknown keys) and
+    checkpoint.read_config merges back in."""
+    config = json.loads((folder / "config.json").read_text())
+    ours = {k: config.pop(k) for k in STUDENT_KEYS if k in config}
+    atomic_write(folder / SCOTT_CONFIG, lambda tmp: tmp.write_text(json.dumps(ours, indent=2)))
+    atomic_write(folder / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
 
 
 def write_text_encoder(text_encoder, folder: Path) -> None:
@@ -148,7 +211,7 @@ def write_text_encoder(text_encoder, folder: Path) -> None:
     both load (sd15.load_text_encoder reads either)."""
     folder.mkdir()
     weights = {k.removeprefix(LDM_TEXT_PREFIX): v for k, v in ldm_text_state_dict(text_encoder).items()}
-    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    atomic_write(folder / "model.safetensors", lambda tmp: save_file(weights, str(tmp), metadata={"format": "pt"}))
     (folder / "config.json").write_text(text_encoder.config.to_json_string())
 
 
@@ -206,12 +269,13 @@ def write_pipeline(bundle: SD15, student: UNet, out: Path, model, student_path, 
              "unet": ["diffusers", "UNet2DConditionModel"],
              "vae": [None, None] if pixel_space else ["diffusers", "AutoencoderKL"],
              "safety_checker": [None, None], "feature_extractor": [None, None], "image_encoder": [None, None],
-             "requires_safety_checker": False}
+             "requires_safety_checker": False, FOLDER_MARKER: "pipeline"}
     if pixel_space:
         index["pixel_space"] = True
 
     def write(tmp: Path):
         save_unet(student, tmp / "unet")
+        move_student_keys(tmp / "unet")
         if not pixel_space:
             save_vae(bundle.vae, tmp / "vae")
         write_text_encoder(bundle.text_encoder, tmp / "text_encoder")
@@ -236,12 +300,17 @@ def single_file_state(bundle: SD15, baked: UNet, dtype: torch.dtype) -> dict:
 def write_single_file(bundle: SD15, baked: UNet, out: Path, dtype: torch.dtype, metadata: dict) -> None:
     """The original-layout checkpoint, `metadata` (the sampler settings) in its safetensors header; atomic."""
     state = single_file_state(bundle, baked, dtype)
-    atomic_write(out, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt", **metadata}))
+    metadata = {"format": "pt", **metadata, EXPORT_MARKER: "single-file"}
+    atomic_write(out, lambda tmp: save_file(state, str(tmp), metadata=metadata))
 
 
 def write_diffusers_unet(baked: UNet, out: Path, dtype: torch.dtype) -> None:
     """The baked UNet as a plain diffusers UNet2DConditionModel folder (no time_cond_proj_dim); atomic."""
-    write_folder_atomically(out, lambda tmp: save_unet(baked.to(dtype), tmp))
+    def write(tmp: Path):
+        save_unet(baked.to(dtype), tmp)
+        config = json.loads((tmp / "config.json").read_text()) | {FOLDER_MARKER: "diffusers-unet"}
+        atomic_write(tmp / "config.json", lambda path: path.write_text(json.dumps(config, indent=2)))
+    write_folder_atomically(out, write)
 
 
 # ---- command line -------------------------------------------------------------------------------------------------
@@ -266,17 +335,18 @@ def export_lora(args, model: Path, out: Path) -> dict:
     source = Path(args.lora) / ADAPTERS_FILE if Path(args.lora).is_dir() else Path(args.lora)
     if out.suffix != ".safetensors":
         raise ExportError(f"--out {out}: a LoRA file must end in .safetensors.")
-    check_out(out, args.overwrite)
+    check_out(out, args.overwrite, "lora", {"--model": model, "--lora": args.lora, "--lora file": source})
     unet = load_unet(model)
     adapters = load_adapters(source, unet)
-    settings = lora_settings(args.steps, unet) | {"scott.model": str(model), "scott.lora": str(source)}
+    settings = lora_settings(args.steps, unet) | {"scott.model": str(model), "scott.lora": str(source),
+                                                  EXPORT_MARKER: "lora"}
     save_kohya(adapters, out, DTYPES[args.dtype or "fp16"], metadata=settings)
     return settings
 
 
 def export(args) -> dict:
     """Run one export from parsed arguments; returns the sampler settings it recorded (also printed)."""
-    out, model = Path(args.out), model_path(args.model)
+    out, model = Path(os.path.abspath(args.out)), model_path(args.model)  # absolute: `--out .` has a name too
     if args.lora and args.to != "lora":
         raise ExportError(f"--lora is for --to lora; --to {args.to} exports a --student UNet.")
     if args.to == "lora":
@@ -291,7 +361,7 @@ def export(args) -> dict:
                           f"baked in (e.g. 7.5 for SD1.5, 3 for the toy model).")
     if out.suffix != ".safetensors" and args.to == "single-file":
         raise ExportError(f"--out {out}: a single file must end in .safetensors.")
-    check_out(out, args.overwrite)
+    check_out(out, args.overwrite, args.to, {"--model": model, "--student": student_path, "--tokenizer": args.tokenizer})
     bundle = load_sd15(model, tokenizer=args.tokenizer or None)
     student = load_student(student_path)
     check_same_architecture(student, bundle.unet, student_path, model)
@@ -337,7 +407,7 @@ def main(argv=None):
         p.error(f"--steps {args.steps}: a consistency student samples in 1–8 steps")
     try:
         settings = export(args)
-    except (ExportError, CheckpointError) as e:
+    except (ExportError, CheckpointError, OutputRefused) as e:
         p.error(str(e))
     except OSError as e:
         p.error(f"writing --out {args.out} failed ({e}); nothing was left under that name. Free disk space (or "

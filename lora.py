@@ -27,6 +27,7 @@ Files:
 """
 import copy
 import json
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -313,8 +314,13 @@ def _kohya_lora(weights, name: str, layer: nn.Module, path) -> LoRA:
     if name + ".lora_down.weight" not in weights or name + ".lora_up.weight" not in weights:
         raise CheckpointError(f"{path}: {name} lacks its lora_down or lora_up weight; the file is incomplete.")
     down, up = weights[name + ".lora_down.weight"], weights[name + ".lora_up.weight"]
+    for part, tensor in (("lora_down", down), ("lora_up", up)):
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{path}: {name}.{part}.weight is stored as {tensor.dtype}; LoRA weights must be "
+                                  f"floating point (fp32, fp16 or bf16): casting would round them (to 0 at LoRA's "
+                                  f"usual scale). Re-export the LoRA in a float dtype.")
     rank = down.shape[0]
-    alpha = float(weights[name + ".alpha"]) if name + ".alpha" in weights else float(rank)
+    alpha = _kohya_alpha(weights, name, path) if name + ".alpha" in weights else float(rank)
     lora = LoRA(layer, rank, alpha)
     if down.shape != lora.down.weight.shape or up.shape != lora.up.weight.shape:
         raise CheckpointError(f"{path}: {name}: lora_down {tuple(down.shape)} / lora_up {tuple(up.shape)} do not fit "
@@ -324,3 +330,17 @@ def _kohya_lora(weights, name: str, layer: nn.Module, path) -> LoRA:
         lora.down.weight.copy_(down)
         lora.up.weight.copy_(up)
     return lora
+
+
+def _kohya_alpha(weights, name: str, path) -> float:
+    """A kohya file's `name.alpha`: one finite number above 0 (kohya writes a 0-d tensor), else a CheckpointError
+    naming the file and the module."""
+    alpha = weights[name + ".alpha"]
+    if alpha.numel() != 1:
+        raise CheckpointError(f"{path}: {name}.alpha has shape {tuple(alpha.shape)}; a LoRA's alpha is one number "
+                              f"(a 0-d tensor). The file is damaged or not a kohya LoRA.")
+    value = float(alpha.reshape(()))
+    if not (math.isfinite(value) and value > 0):
+        raise CheckpointError(f"{path}: {name}.alpha = {value}; a LoRA's alpha must be a finite number above 0 "
+                              f"(the delta is scaled by alpha / rank; a negative one would subtract it).")
+    return value

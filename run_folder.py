@@ -6,11 +6,16 @@ target-adapters.safetensors; state.pt), `latest` (the newest one's name) and log
 .tmp-step-N, then renamed in. Saving a step that already has a folder first renames that folder to
 .old-step-N and deletes it last, so at every instant a complete copy exists under one of the two names;
 recover_out() puts an orphaned .old-step-N back and deletes partial .tmp-step-N folders when the next run starts.
+One run writes a --out at a time: it holds an exclusive lock on out/.lock (lock_out) for its whole life.
 """
 import dataclasses
+import fcntl
+import json
 import os
 import re
 import shutil
+import socket
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from checkpoint import CheckpointError, atomic_write, check_regular_file
+from checkpoint import CheckpointError, OutputRefused, atomic_write, check_regular_file, clean_leftovers, refuse_overlap
 from lora import ADAPTERS_FILE, TARGET_ADAPTERS_FILE, LoRAStudent, read_adapters, save_adapters
 from unet import UNet, load_unet, save_unet
 
@@ -117,17 +122,90 @@ def recover_out(out: Path) -> list[str]:
     for tmp in sorted(out.glob(".tmp-step-*")):
         shutil.rmtree(tmp)
         notes.append(f"removed the partial checkpoint {tmp} (an interrupted or failed write)")
-    return notes
+    return notes + clean_leftovers(out)  # e.g. .latest.<pid>@<host>.tmp
+
+
+# ---- one writer per --out -------------------------------------------------------------------------------------------
+
+LOCK_FILE = ".lock"
+_held_locks = {}  # resolved folder -> its open lock file, held until this process ends (the kernel then releases it)
+
+
+def lock_out(out: Path, command: str) -> None:
+    """Take an exclusive flock on out/.lock for the rest of this process's life, or SystemExit at once naming the
+    process (pid, host) that holds it: two runs writing one --out would interleave their logs and delete each
+    other's checkpoints. The kernel drops the lock when the holder dies, however it dies, so a killed run never
+    blocks the next. Re-entrant within a process. A filesystem without locks gets a warning, not a refusal."""
+    key = out.resolve()
+    if key in _held_locks:
+        return
+    handle = open(out / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "a process that has not written its name yet"
+        handle.close()
+        raise SystemExit(f"{out} is in use by another run ({holder}); two writers would mix their outputs. Wait "
+                         f"for it to end (or stop it), or choose another --out.") from None
+    except OSError as e:
+        handle.close()
+        print(f"warning: cannot lock {out / LOCK_FILE} ({e}; a filesystem without locks?): make sure no other run "
+              f"writes to {out}.", file=sys.stderr, flush=True)
+        return
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{command}, pid {os.getpid()} on host {socket.gethostname()}, since "
+                 f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.flush()
+    _held_locks[key] = handle
+
+
+def on_rank_zero(action, *args) -> None:
+    """action(*args) on rank 0 only (all of them without torchrun). A SystemExit it raises (a refusal) is raised on
+    every rank with the same one-line message: rank 0 broadcasts it before any barrier, so the other ranks exit
+    with it rather than crash at their next collective (gloo's "Connection closed by peer")."""
+    message = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            action(*args)
+        except SystemExit as e:
+            message = str(e.code) if e.code is not None else "stopped"
+    if dist.is_initialized():
+        box = [message]
+        dist.broadcast_object_list(box, src=0)
+        message = box[0]
+        if message is not None:
+            dist.destroy_process_group()
+    if message is not None:
+        error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")  # set by torchrun: its failure summary shows this
+        if error_file:
+            with open(error_file, "w") as f:
+                json.dump({"message": {"message": message, "extraInfo": {"py_callstack": message,
+                                                                         "timestamp": str(int(time.time()))}}}, f)
+        raise SystemExit(message)
+
+
+def check_paths(cfg, model: Path) -> None:
+    """The trainer's outputs against its inputs, before anything is loaded (SystemExit): an --out or --cache-to
+    that is, holds or lies inside --model, --data or --tokenizer."""
+    inputs = {"--model": model, "--data": cfg.data, "--tokenizer": cfg.tokenizer}
+    try:
+        flag, output = ("--cache-to", cfg.cache_to) if cfg.cache_to else ("--out", cfg.out)  # what this run writes
+        refuse_overlap(output, inputs, flag)
+    except OutputRefused as e:
+        raise SystemExit(str(e)) from None
 
 
 def prepare_out(out: Path, cfg):
-    """Make --out ready (rank 0, before anything is loaded): create it, recover_out, and refuse a fresh start into
+    """Make --out ready (rank 0, before anything is loaded): create it, lock it (lock_out), recover_out, and refuse a fresh start into
     a folder that holds checkpoints (their rotation would mix two runs) unless --overwrite, which moves the earlier
     run's checkpoints, latest, log and grids into out/replaced-<time>/."""
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise SystemExit(f"--out {out}: cannot create the folder ({e}); choose another --out.") from None
+    lock_out(out, "train.py")
     for note in recover_out(out):
         print(note, flush=True)
     checkpoints = list_checkpoints(out)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
-from checkpoint import CheckpointError
+from checkpoint import CheckpointError, OutputRefused, refuse_overlap
 from consistency import boundary_scalings, consistency_timesteps
 from lora import load_kohya, merge
 from config import model_settings
@@ -198,6 +198,28 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
     folder = next(parent for parent in out.absolute().parents if parent.exists())
     if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
         p.error(f"--out {out}: cannot write under {folder}; choose another path.")
+    try:
+        refuse_overlap(out, {"--model": model_path(args.model), "--student": args.student, "--lora": args.lora,
+                             "--tokenizer": args.tokenizer, "--prompts-file": args.prompts_file})
+    except OutputRefused as e:
+        p.error(str(e))
+    for flag, value in (("--model", args.model), ("--student", args.student), ("--lora", args.lora),
+                        ("--tokenizer", args.tokenizer), ("--prompts-file", args.prompts_file)):
+        if value and not Path(value).exists():
+            p.error(f"{flag} {value}: no such file or folder.")
+
+
+def load_student_unet(p: argparse.ArgumentParser, folder: Path, device, dtype):
+    """load_unet(--student), with a hint when `folder` is a checkpoint's step-N folder rather than its student/."""
+    if not (folder / "config.json").exists() and (folder / "student").is_dir():
+        p.error(f"--student {folder}: a checkpoint folder, not a UNet; did you mean {folder / 'student'}?")
+    if not (folder / "config.json").exists() and (folder / "adapters.safetensors").is_file():
+        p.error(f"--student {folder}: a LoRA student's checkpoint; export it with `python export.py --to lora --lora "
+                f"{folder} --out FILE.safetensors` and sample it with --lora FILE.safetensors.")
+    try:
+        return load_unet(folder, device, dtype).eval()
+    except CheckpointError as e:
+        p.error(f"--student: {e}")
 
 
 def check_student(p: argparse.ArgumentParser, student_folder, unet, bundle, model) -> None:
@@ -221,6 +243,48 @@ def warn_truncated(tokenizer, text_encoder, prompts) -> None:
               f"encoder reads; only their first {length} tokens are used.")
 
 
+def add_speed_arguments(p: argparse.ArgumentParser) -> None:
+    """The sampler's speed switches (prepare_for_speed): none changes what is sampled beyond rounding."""
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (one whole graph, no breaks) and "
+                   "the VAE decode: faster per image after a slow first call (minutes on a CPU)")
+    p.add_argument("--cuda-graphs", action="store_true", help="with --compile on a GPU: mode reduce-overhead (CUDA "
+                   "graphs), for small batches")
+    p.add_argument("--fuse-qkv", action="store_true", help="fuse each self-attention's q/k/v projections into one "
+                   "matrix product (inference only; the same outputs up to rounding)")
+    p.add_argument("--decode-dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="VAE decode precision: auto = bf16 on a GPU that supports it, fp32 elsewhere")
+
+
+def unet_to_sample(p: argparse.ArgumentParser, args, bundle, model: Path, own: dict, device, dtype):
+    """(UNet, label) of what main samples: the --lora student merged into --model's UNet, the teacher, or the
+    --student folder (default: the model folder's own student)."""
+    if args.lora:
+        if args.teacher or args.student:
+            p.error("--lora is a student of its own: pass it without --teacher and --student")
+        try:
+            adapters = load_kohya(args.lora, bundle.unet)
+        except CheckpointError as e:
+            p.error(f"--lora: {e}")
+        return merge(adapters, bundle.unet).eval(), f"LoRA student {args.lora}"
+    if args.teacher:
+        return bundle.unet, f"teacher {'DDIM' if args.eta == 0 else f'DDPM eta={args.eta}'}"
+    student = Path(args.student) if args.student else (model / own["student"] if "student" in own else None)
+    if student is None:
+        p.error("--student FOLDER is required with --model (or pass --teacher for the teacher baseline)")
+    unet = load_student_unet(p, student, device, dtype)
+    check_student(p, student, unet, bundle, model)
+    return unet, f"student {student}"
+
+
+def prepare_for_speed(args, unet, vae, device):
+    """(unet, decode) for generate, as --fuse-qkv, --compile, --cuda-graphs and --decode-dtype ask: fused q/k/v on
+    the loaded, merged or teacher UNet (UNet.fuse_qkv), then prepare_sampler (compiled UNet and decode)."""
+    if args.fuse_qkv:
+        unet.fuse_qkv()
+    return prepare_sampler(unet, vae, compile=args.compile or args.cuda_graphs, cuda_graphs=args.cuda_graphs,
+                           dtype=decode_dtype(args.decode_dtype, device))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--prompt", action="append", default=[], help="repeatable")
@@ -240,14 +304,7 @@ def main(argv=None):
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--out", default="sample.png", help="the PNG to write")
-    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (one whole graph, no breaks) and "
-                   "the VAE decode: faster per image after a slow first call (minutes on a CPU)")
-    p.add_argument("--cuda-graphs", action="store_true", help="with --compile on a GPU: mode reduce-overhead (CUDA "
-                   "graphs), for small batches")
-    p.add_argument("--fuse-qkv", action="store_true", help="fuse each self-attention's q/k/v projections into one "
-                   "matrix product (inference only; the same outputs up to rounding)")
-    p.add_argument("--decode-dtype", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="VAE decode precision: auto = bf16 on a GPU that supports it, fp32 elsewhere")
+    add_speed_arguments(p)
     args = p.parse_args(argv)
     check_args(p, args)
 
@@ -270,31 +327,19 @@ def main(argv=None):
               f"(a diffusers folder or a .safetensors/.ckpt single file) and --student FOLDER.")
 
     tick = _clock(device)
-    bundle = load_sd15(model, tokenizer=args.tokenizer or None, device=device, dtype=dtype)
-    if args.lora:
-        if args.teacher or args.student:
-            p.error("--lora is a student of its own: pass it without --teacher and --student")
-        try:
-            adapters = load_kohya(args.lora, bundle.unet)
-        except CheckpointError as e:
-            p.error(f"--lora: {e}")
-        unet, label = merge(adapters, bundle.unet).eval(), f"LoRA student {args.lora}"
-    elif args.teacher:
-        unet, label = bundle.unet, f"teacher {'DDIM' if args.eta == 0 else f'DDPM eta={args.eta}'}"
-    else:
-        student = Path(args.student) if args.student else (model / own["student"] if "student" in own else None)
-        if student is None:
-            p.error("--student FOLDER is required with --model (or pass --teacher for the teacher baseline)")
-        unet, label = load_unet(student, device, dtype, fuse_qkv=args.fuse_qkv).eval(), f"student {student}"
-        check_student(p, student, unet, bundle, model)
-    if args.fuse_qkv:
-        unet.fuse_qkv()  # the merged LoRA student or the teacher (a loaded student is fused already)
-    unet, decode = prepare_sampler(unet, bundle.vae, compile=args.compile or args.cuda_graphs,
-                                   cuda_graphs=args.cuda_graphs, dtype=decode_dtype(args.decode_dtype, device))
+    try:
+        bundle = load_sd15(model, tokenizer=args.tokenizer or None, device=device, dtype=dtype)
+    except CheckpointError as e:
+        p.error(f"--model: {e}")
+    unet, label = unet_to_sample(p, args, bundle, model, own, device, dtype)
+    unet, decode = prepare_for_speed(args, unet, bundle.vae, device)
     print(f"load {tick():.2f}s" + (" (compiling on the first call)" if args.compile or args.cuda_graphs else ""))
     warn_truncated(bundle.tokenizer, bundle.text_encoder, prompts)
     size = bundle.unet.config.sample_size * bundle.vae.spatial_factor  # the resolution the model was trained at
     guidance = args.guidance if args.guidance is not None else own.get("guidance", 7.5)
+    no_cfg = not args.teacher and not unet.config.guidance_embed_dim  # a LoRA student: no ω input, no CFG pass
+    if no_cfg and args.guidance is not None:
+        print(f"note: --guidance {args.guidance} is ignored: {label} has no ω input and is sampled without CFG.")
     with torch.no_grad():
         images, timings = generate(bundle, unet, NoiseSchedule(bundle.alphas_cumprod.to(device)), prompts, steps,
                                    guidance, args.height or size, args.width or size, args.seed, args.n,
@@ -304,9 +349,10 @@ def main(argv=None):
         raise SystemExit(f"{label}: the images hold non-finite pixels (NaN/Inf), so {args.out} was not written. "
                          "The weights are probably damaged (NaN) or the run diverged: try an earlier checkpoint.")
     save_grid(images, args.out, columns=args.n if len(prompts) > 1 else min(args.n, 8),
-              metadata={"prompt": " | ".join(prompts), "seed": args.seed, "steps": steps, "guidance": guidance,
-                        "model": str(model), "sampler": label})
-    print(f"wrote {args.out} ({len(images)} image(s), {label}, {steps} steps, ω={guidance}, seed {args.seed})")
+              metadata={"prompt": " | ".join(prompts), "seed": args.seed, "steps": steps,
+                        "guidance": "none (no CFG)" if no_cfg else guidance, "model": str(model), "sampler": label})
+    print(f"wrote {args.out} ({len(images)} image(s), {label}, {steps} steps, "
+          f"{'no CFG' if no_cfg else f'ω={guidance}'}, seed {args.seed})")
 
 
 if __name__ == "__main__":

@@ -50,8 +50,8 @@ from consistency import ConsistencyConfig, ema_update, scott_loss
 from data import DataConfig, build_latent_cache, make_loader
 from discriminator import Discriminator, DiscriminatorConfig, d_hinge_loss, g_hinge_loss
 from lora import Adapters, LoRAConfig, LoRAStudent, key_of
-from run_folder import (compare_configs, describe_run, find_resume, list_checkpoints, prepare_out, restore,
-                        save_checkpoint, set_aside)
+from run_folder import (check_paths, compare_configs, describe_run, find_resume, list_checkpoints, on_rank_zero,
+                        prepare_out, restore, save_checkpoint, set_aside)
 from sample import generate, save_grid
 from sd15 import SD15, check_model, load_sd15, model_path
 from sde_solver import NoiseSchedule
@@ -153,7 +153,12 @@ def parse_args(argv=None):
     try:
         preset = read_preset(Path(given["config"]), fields) if given.get("config") else {}
         model = model_path(given.get("model", preset.get("model", "")))
-        values = {**model_settings(model, "train", fields), **preset, **given}
+        chosen = {**preset, **given}  # what the user asked for, by preset or flag
+        if chosen.get("data") and not chosen.get("model"):
+            raise ValueError(f"--data {chosen['data']} without --model: that would train the shipped toy model "
+                             f"(32×32 synthetic shapes) on your data. Pass --model PATH (an SD1.5 folder or single "
+                             f"file); to train the toy model on this data anyway, pass --model {model}.")
+        values = {**model_settings(model, "train", fields), **chosen}
         if values.get("student_lora_rank"):
             values = {**{n: f.metadata["lora_student"] for n, f in fields.items()
                          if f.metadata["lora_student"] is not None}, **values}
@@ -444,7 +449,10 @@ def make_batches(cfg: TrainConfig, data_cfg: DataConfig, rank, world, start_batc
     """The micro-batch stream of this rank (data.make_loader), from batch `start_batch` on."""
     if not cfg.data:
         raise SystemExit("--data is required with --model: an image folder, tar shards or a latent cache.")
-    return make_loader(data_cfg, cfg.micro_batch, rank, world, start_batch=start_batch, seed=cfg.seed)
+    try:
+        return make_loader(data_cfg, cfg.micro_batch, rank, world, start_batch=start_batch, seed=cfg.seed)
+    except (ValueError, OSError, RuntimeError) as e:  # data.py's checks of the source, before any model is loaded
+        raise SystemExit(f"--data: {e}") from None
 
 
 def write_sample_grid(path, models: Models, prompts, resolution, consistency: ConsistencyConfig, autocast):
@@ -515,6 +523,7 @@ def start_run(cfg: TrainConfig, consistency, disc_cfg, data_cfg) -> Run:
         check_model(model, cfg.tokenizer or None)
     except CheckpointError as e:
         raise SystemExit(f"--model {e}") from None
+    check_paths(cfg, model)  # an --out or --cache-to that is, holds or lies inside an input
     if cfg.micro_batch == 0:  # no accumulation: each rank takes an equal share of the global batch
         cfg = dataclasses.replace(cfg, micro_batch=max(1, cfg.global_batch // world))
     if cfg.global_batch % (cfg.micro_batch * world):
@@ -526,11 +535,11 @@ def start_run(cfg: TrainConfig, consistency, disc_cfg, data_cfg) -> Run:
 
 
 def open_out(run: Run):
-    """Prepare --out (rank 0) and find the checkpoint to resume from, refusing a change of what is trained; the
-    checkpoints after it are set aside (another branch of the run, or damaged: --resume auto must not return to
-    them). Returns the resume (or None) and the step the run starts at."""
-    if run.master:
-        prepare_out(run.out, run.cfg)
+    """Prepare and lock --out (rank 0; a refusal ends every rank with the same one-line message) and find the
+    checkpoint to resume from, refusing a change of what is trained; the checkpoints after it are set aside
+    (another branch of the run, or damaged: --resume auto must not return to them). Returns the resume (or None)
+    and the step the run starts at."""
+    on_rank_zero(prepare_out, run.out, run.cfg)
     if dist.is_initialized():
         dist.barrier()  # every rank looks for checkpoints once rank 0 has cleaned --out up
     resume = find_resume(run.cfg, run.out, run.master)

@@ -37,13 +37,14 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from checkpoint import atomic_write
+from checkpoint import OutputRefused, atomic_write, clean_leftovers, refuse_overlap
 from metrics.clip_score import DEFAULT_CLIP, ClipScorer, summarize
 from metrics.fid import density_coverage, feature_stats, frechet_distance
 from metrics.inception import InceptionConfig, load_inception, sha256_of
 from sample import generate
 from sd15 import load_sd15
 from sde_solver import NoiseSchedule
+from run_folder import lock_out, on_rank_zero
 from unet import load_unet
 
 
@@ -134,6 +135,8 @@ def reference_features(root, protocol, entries, inception, inception_sha, cache:
             return f.get_tensor("features")
     paths = [root / protocol.split / e["file"] for e in entries]
     feats = inception_features(inception, paths, protocol.eval_size, crop=True)
+    for note in clean_leftovers(cache.parent, cache.name):
+        print(note, flush=True)
     atomic_write(cache, lambda tmp: save_file({"features": feats.contiguous()}, str(tmp), metadata=meta))
     return feats
 
@@ -263,7 +266,23 @@ def parse_args(argv):
                        ("--student", args.student)):
         if path and not Path(path).exists():
             p.error(f"{flag} {path}: no such file or folder")
+    try:
+        refuse_overlap(args.out, {"--coco": args.coco, "--model": args.model, "--student": args.student,
+                                  "--inception": args.inception, "--tokenizer": args.tokenizer,
+                                  "--clip": args.clip if Path(args.clip).exists() else ""})
+    except OutputRefused as e:
+        p.error(str(e))
     return args
+
+
+def claim_out(out: Path) -> None:
+    """Rank 0, before any work: create --out, lock it for this run (run_folder.lock_out: a second evaluation into
+    it refuses at once), and clean what a killed run left in it and its setting folders."""
+    out.mkdir(parents=True, exist_ok=True)
+    lock_out(out, "evaluate.py --coco")
+    for folder in [out, *sorted(p for p in (out / "images").glob("*") if p.is_dir())]:
+        for note in clean_leftovers(folder):
+            print(note, flush=True)
 
 
 def _distributed():
@@ -297,6 +316,7 @@ def main(argv=None):
     protocol, root, out = PROTOCOLS[args.protocol], Path(args.coco), Path(args.out)
     entries = read_captions(root, protocol, args.limit)               # every input check before heavy work
     rank, world, device = _distributed()
+    on_rank_zero(claim_out, out)  # a refusal ends every rank with the same message
     inception = load_inception(args.inception, device, InceptionConfig(width_divisor=args.inception_width_divisor))
     clip = ClipScorer(args.clip, device, args.clip_prefix) if rank == 0 else None
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

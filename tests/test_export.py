@@ -301,6 +301,9 @@ def test_a_full_disk_leaves_no_half_written_output(tiny, tmp_path, capsys, monke
     root, _, _, _ = tiny
     out = tmp_path / ("out.safetensors" if to == "single-file" else "out")
     argv = ("--model", root, "--student", root / "student", "--to", to, "--guidance", 2, "--out", out)
+    earlier = tmp_path.parent / f"{tmp_path.name}-earlier"  # an earlier export, for the --overwrite below
+    earlier.mkdir()
+    run(*argv[:-1], earlier / out.name)
     if to == "pipeline":
         monkeypatch.setattr(export, "write_tokenizer", no_space)  # after unet/, vae/ and text_encoder/ were written
     else:
@@ -309,10 +312,12 @@ def test_a_full_disk_leaves_no_half_written_output(tiny, tmp_path, capsys, monke
     msg = error_of(capsys, *argv)
     assert "No space left on device" in msg and "nothing was left under that name" in msg
     assert os.listdir(tmp_path) == []
-    out.mkdir() if out.suffix == "" else out.write_bytes(b"old")
-    error_of(capsys, *argv, "--overwrite")
+    os.replace(earlier / out.name, out)
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*")) if out.is_dir() else out.read_bytes()
+    msg = error_of(capsys, *argv, "--overwrite")
+    assert "No space left on device" in msg
     assert sorted(os.listdir(tmp_path)) == [out.name]
-    assert (out.is_dir() and os.listdir(out) == []) or (out.is_file() and out.read_bytes() == b"old")
+    assert (sorted(str(p.relative_to(out)) for p in out.rglob("*")) if out.is_dir() else out.read_bytes()) == before
 
 
 def test_sd15_shaped_vae_and_text_keys_are_all_consumed():

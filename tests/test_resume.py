@@ -25,7 +25,12 @@ def setup(tmp_path_factory):
 
 
 def names(out):
-    return sorted(p.name for p in out.iterdir())
+<<<<<<< HEAD
+    """What a run folder holds, but the lock file every trainer keeps there (run_folder.lock_out)."""
+=======
+    """What --out holds, but the lock file every run keeps there (run_folder.lock_out)."""
+>>>>>>> guards
+    return sorted(p.name for p in out.iterdir() if p.name != ".lock")
 
 
 def latest(out):

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import run_folder
+from checkpoint import OutputRefused, refuse_overlap
+from sd15 import TOY_FOLDER
 
 HERE = Path(__file__).resolve().parent.parent  # the repository root: train.py and evaluate.py run from there
 BUDGET_STEPS = 400          # optimisation steps of an h = 3 run; an h-sub-step run gets 3 / h times as many
@@ -234,6 +236,17 @@ def write_results(out: Path, order: list, seeds: list[int], teacher: tuple) -> s
     return text
 
 
+def claim_out(out: Path) -> None:
+    """Before any run: refuse an --out on the toy model (toy/, every run's teacher) and take --out's lock for the
+    study's whole life (run_folder.lock_out: a second study into it refuses at once, naming this one)."""
+    try:
+        refuse_overlap(out, {"the toy model": TOY_FOLDER})
+    except OutputRefused as e:
+        raise SystemExit(str(e)) from None
+    out.mkdir(parents=True, exist_ok=True)
+    run_folder.lock_out(out, "toyworld.study")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="results/toy-study", help="runs, logs, table.md and tradeoff.png go here")
@@ -247,6 +260,7 @@ def main(argv=None):
                    help="run nothing: write table.md and tradeoff.png from the scores already on disk")
     args = p.parse_args(argv)
     out = Path(args.out).resolve()  # the subprocesses run in the repository folder
+    claim_out(out)
     # The first seed of every row first, so a partial study already has every row.
     order = [(row, seed) for seed in args.seeds for row in ROWS if row.every_seed or seed == args.seeds[0]]
     run_now = [(row, seed) for row, seed in order if args.rows is None or row.name in args.rows]
