@@ -10,6 +10,7 @@ import argparse
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +18,13 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from checkpoint import CheckpointError, OutputRefused, refuse_overlap
-from consistency import consistency_timesteps, sample_consistency
+from consistency import boundary_scalings, consistency_timesteps
 from lora import load_kohya, merge
 from config import model_settings
 from sd15 import load_sd15, model_path
-from sde_solver import NoiseSampler, NoiseSchedule, sample_teacher, teacher_timesteps
+from sde_solver import NoiseSampler, NoiseSchedule, check_timesteps, sample_teacher, teacher_timesteps
 from unet import load_unet
+from vae import decode_dtype
 
 
 def image_noise(seeds) -> NoiseSampler:
@@ -38,10 +40,12 @@ def image_noise(seeds) -> NoiseSampler:
     return draw
 
 
-def generate(bundle, unet, schedule, prompts, steps, guidance, height, width, seed=0, n=1, teacher_eta=None):
+def generate(bundle, unet, schedule, prompts, steps, guidance, height, width, seed=0, n=1, teacher_eta=None,
+             decode=None):
     """(images (len(prompts)·n, 3, H, W) in [0, 1], {stage: seconds}). `unet` is a student (consistency sampling on
     LCM's grid, ω-conditioned, with the boundary scalings its config records) or, with `teacher_eta` set, the teacher
-    (η = 0: DDIM, η = 1: DDPM) with classifier-free guidance ω.
+    (η = 0: DDIM, η = 1: DDPM) with classifier-free guidance ω. `unet` may be compiled, and `decode` (latents ->
+    images in [-1, 1]; default the VAE in fp32) too: see prepare_sampler.
 
     Image i of the call (prompts repeated n times each, in order) is drawn from seed + i alone (image_noise), so a
     caller that generates captions in batches, passing each batch's global index of its first image as `seed`, gets
@@ -62,16 +66,89 @@ def generate(bundle, unet, schedule, prompts, steps, guidance, height, width, se
     w = None if plain else torch.full((len(prompts),), float(guidance), device=device)
     if teacher_eta is None:
         c = unet.config
-        latents = sample_consistency(unet, x, cond, w, consistency_timesteps(steps), schedule, noise_sampler,
-                                     timestep_scaling=c.timestep_scaling, sigma_data=c.sigma_data)
+        plan = consistency_plan(consistency_timesteps(steps), schedule, x, noise_sampler, c.timestep_scaling,
+                                c.sigma_data)
+        latents = consistency_loop(unet, x, cond, w, plan)
     else:
         uncond = bundle.encode_prompts([""])
         latents = sample_teacher(unet, x, cond, uncond, w, teacher_timesteps(steps), schedule, noise_sampler,
                                  eta=teacher_eta)
     timings["unet"] = tick()
-    images = bundle.vae.decode(latents, fp32=True)
+    images = decode(latents) if decode is not None else bundle.vae.decode(latents, fp32=True)
     timings["decode"] = tick()
     return ((images.float() + 1) / 2).clamp(0, 1), timings
+
+
+# ---- the consistency sampler without host syncs --------------------------------------------------------------------
+
+@dataclass
+class ConsistencyPlan:
+    """Everything the N-step consistency loop needs, computed on the host and moved to the device before it starts,
+    so the loop itself is device work only (no .item(), no branch on a tensor's value, no host-to-device copy): per
+    step i the timesteps t_i (B,), √ᾱ and √(1 − ᾱ) at t_i, the boundary scalings c_skip, c_out at t_i (all float64,
+    (B, 1, 1, 1), cast at use exactly as consistency.consistency_fn and NoiseSchedule do), and the re-noising draws
+    (N − 1, B, C, H, W) that take x̂0 to t_{i+1}."""
+    t: list
+    sqrt_alpha: list
+    sqrt_one_minus: list
+    c_skip: list
+    c_out: list
+    noise: torch.Tensor
+
+
+def consistency_plan(timesteps, schedule: NoiseSchedule, x: torch.Tensor, noise_sampler: NoiseSampler,
+                     timestep_scaling: float, sigma_data: float) -> ConsistencyPlan:
+    """The plan of consistency.sample_consistency with LCM's re-noising (renoise_lcm) over `timesteps` for start
+    latents x. The noise sampler is drawn N − 1 times now, on the host (image_noise draws on the CPU anyway), in the
+    order the loop would draw, and the draws go to the device in one copy."""
+    timesteps = check_timesteps(timesteps, schedule)
+    B, shape = x.shape[0], (-1, *([1] * (x.ndim - 1)))
+    host = torch.empty(x.shape, dtype=x.dtype)
+    draws = [noise_sampler(host) for _ in timesteps[1:]]
+    noise = torch.stack(draws) if draws else host.new_empty((0, *x.shape))
+    t = torch.tensor(timesteps, dtype=torch.long)[:, None].expand(-1, B)  # (N, B)
+    ab = schedule.alphas_cumprod.cpu()[t]  # (N, B) float64
+    c_skip, c_out = boundary_scalings(t, timestep_scaling, sigma_data)
+    to_device = lambda v: v.to(x.device, non_blocking=True)  # noqa: E731
+    rows = lambda v: [to_device(r.reshape(shape)) for r in v]  # noqa: E731
+    return ConsistencyPlan(t=[to_device(r.contiguous()) for r in t], sqrt_alpha=rows(ab.sqrt()),
+                           sqrt_one_minus=rows((1 - ab).sqrt()), c_skip=rows(c_skip), c_out=rows(c_out),
+                           noise=to_device(noise))
+
+
+def consistency_loop(unet, x: torch.Tensor, cond, w, plan: ConsistencyPlan) -> torch.Tensor:
+    """Multi-step consistency sampling (Song et al. 2023 Alg. 1, LCM's scheduler): at each t_i
+        x̂0 = c_skip x + c_out (x − √(1 − ᾱ) ε̂(x, t_i, c, ω)) / √ᾱ,   then   x = √ᾱ_{i+1} x̂0 + √(1 − ᾱ_{i+1}) z_i,
+    returning the last x̂0: the same operations, in the same order and dtypes, as consistency.sample_consistency
+    (tests/test_sample.py checks equality), but with every host-side quantity precomputed in `plan`, so the loop
+    makes no host syncs and torch.compile traces it whole (fullgraph=True; tests/test_sample.py)."""
+    steps = len(plan.t)
+    for i in range(steps):
+        eps = unet(x, plan.t[i], cond, w)
+        dtype = torch.promote_types(x.dtype, eps.dtype)
+        x0_hat = (x - plan.sqrt_one_minus[i].to(dtype) * eps) / plan.sqrt_alpha[i].to(dtype)  # predict_x0
+        x0_hat = plan.c_skip[i].to(x0_hat.dtype) * x + plan.c_out[i].to(x0_hat.dtype) * x0_hat
+        if i + 1 < steps:  # renoise_lcm: x̂0 forward to t_{i+1} with fresh noise
+            dtype = torch.promote_types(x0_hat.dtype, plan.noise.dtype)
+            x = plan.sqrt_alpha[i + 1].to(dtype) * x0_hat + plan.sqrt_one_minus[i + 1].to(dtype) * plan.noise[i]
+    return x0_hat
+
+
+def prepare_sampler(unet, vae, compile: bool = False, cuda_graphs: bool = False, dtype=torch.float32,
+                    backend: str = "inductor"):
+    """(unet, decode) for generate: the UNet as it is or torch.compile'd whole (fullgraph=True: a graph break is an
+    error, not a silent slow path; `cuda_graphs`: mode="reduce-overhead", CUDA graphs replaying the kernels), and
+    the VAE decode in `dtype` (vae.decode_dtype), compiled with it. A VAE whose weights are not in `dtype` is
+    converted once, in place, so the decode makes no per-call weight copies. `backend`: torch.compile's ("eager"
+    traces with Dynamo only: a quick check that the graphs are whole)."""
+    if next(vae.parameters(), torch.empty(0, dtype=dtype)).dtype != dtype:
+        vae.to(dtype)
+    decode = lambda z: vae.decode(z, dtype=dtype)  # noqa: E731
+    if compile or cuda_graphs:
+        mode = "reduce-overhead" if cuda_graphs and backend == "inductor" else None
+        unet = torch.compile(unet, fullgraph=True, dynamic=False, backend=backend, mode=mode)
+        decode = torch.compile(decode, fullgraph=True, dynamic=False, backend=backend)
+    return unet, decode
 
 
 def _clock(device):
@@ -166,6 +243,48 @@ def warn_truncated(tokenizer, text_encoder, prompts) -> None:
               f"encoder reads; only their first {length} tokens are used.")
 
 
+def add_speed_arguments(p: argparse.ArgumentParser) -> None:
+    """The sampler's speed switches (prepare_for_speed): none changes what is sampled beyond rounding."""
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (one whole graph, no breaks) and "
+                   "the VAE decode: faster per image after a slow first call (minutes on a CPU)")
+    p.add_argument("--cuda-graphs", action="store_true", help="with --compile on a GPU: mode reduce-overhead (CUDA "
+                   "graphs), for small batches")
+    p.add_argument("--fuse-qkv", action="store_true", help="fuse each self-attention's q/k/v projections into one "
+                   "matrix product (inference only; the same outputs up to rounding)")
+    p.add_argument("--decode-dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="VAE decode precision: auto = bf16 on a GPU that supports it, fp32 elsewhere")
+
+
+def unet_to_sample(p: argparse.ArgumentParser, args, bundle, model: Path, own: dict, device, dtype):
+    """(UNet, label) of what main samples: the --lora student merged into --model's UNet, the teacher, or the
+    --student folder (default: the model folder's own student)."""
+    if args.lora:
+        if args.teacher or args.student:
+            p.error("--lora is a student of its own: pass it without --teacher and --student")
+        try:
+            adapters = load_kohya(args.lora, bundle.unet)
+        except CheckpointError as e:
+            p.error(f"--lora: {e}")
+        return merge(adapters, bundle.unet).eval(), f"LoRA student {args.lora}"
+    if args.teacher:
+        return bundle.unet, f"teacher {'DDIM' if args.eta == 0 else f'DDPM eta={args.eta}'}"
+    student = Path(args.student) if args.student else (model / own["student"] if "student" in own else None)
+    if student is None:
+        p.error("--student FOLDER is required with --model (or pass --teacher for the teacher baseline)")
+    unet = load_student_unet(p, student, device, dtype)
+    check_student(p, student, unet, bundle, model)
+    return unet, f"student {student}"
+
+
+def prepare_for_speed(args, unet, vae, device):
+    """(unet, decode) for generate, as --fuse-qkv, --compile, --cuda-graphs and --decode-dtype ask: fused q/k/v on
+    the loaded, merged or teacher UNet (UNet.fuse_qkv), then prepare_sampler (compiled UNet and decode)."""
+    if args.fuse_qkv:
+        unet.fuse_qkv()
+    return prepare_sampler(unet, vae, compile=args.compile or args.cuda_graphs, cuda_graphs=args.cuda_graphs,
+                           dtype=decode_dtype(args.decode_dtype, device))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--prompt", action="append", default=[], help="repeatable")
@@ -185,6 +304,7 @@ def main(argv=None):
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--out", default="sample.png", help="the PNG to write")
+    add_speed_arguments(p)
     args = p.parse_args(argv)
     check_args(p, args)
 
@@ -195,6 +315,8 @@ def main(argv=None):
     own = model_settings(model, "sample")  # the model folder's scott.toml [sample]: the toy model's defaults
     if not prompts:
         prompts = [own["prompt"]] if "prompt" in own else p.error("give --prompt or --prompts-file")
+    if args.cuda_graphs and not torch.cuda.is_available():
+        p.error("--cuda-graphs needs a GPU (none is visible); use --compile alone on a CPU")
     steps = args.steps or (50 if args.teacher else 2)
     if not args.teacher and not 1 <= steps <= 8:
         p.error(f"--steps {steps}: a consistency student samples in 1–8 steps (use --teacher for more)")
@@ -209,23 +331,9 @@ def main(argv=None):
         bundle = load_sd15(model, tokenizer=args.tokenizer or None, device=device, dtype=dtype)
     except CheckpointError as e:
         p.error(f"--model: {e}")
-    if args.lora:
-        if args.teacher or args.student:
-            p.error("--lora is a student of its own: pass it without --teacher and --student")
-        try:
-            adapters = load_kohya(args.lora, bundle.unet)
-        except CheckpointError as e:
-            p.error(f"--lora: {e}")
-        unet, label = merge(adapters, bundle.unet).eval(), f"LoRA student {args.lora}"
-    elif args.teacher:
-        unet, label = bundle.unet, f"teacher {'DDIM' if args.eta == 0 else f'DDPM eta={args.eta}'}"
-    else:
-        student = Path(args.student) if args.student else (model / own["student"] if "student" in own else None)
-        if student is None:
-            p.error("--student FOLDER is required with --model (or pass --teacher for the teacher baseline)")
-        unet, label = load_student_unet(p, student, device, dtype), f"student {student}"
-        check_student(p, student, unet, bundle, model)
-    print(f"load {tick():.2f}s")
+    unet, label = unet_to_sample(p, args, bundle, model, own, device, dtype)
+    unet, decode = prepare_for_speed(args, unet, bundle.vae, device)
+    print(f"load {tick():.2f}s" + (" (compiling on the first call)" if args.compile or args.cuda_graphs else ""))
     warn_truncated(bundle.tokenizer, bundle.text_encoder, prompts)
     size = bundle.unet.config.sample_size * bundle.vae.spatial_factor  # the resolution the model was trained at
     guidance = args.guidance if args.guidance is not None else own.get("guidance", 7.5)
@@ -235,7 +343,7 @@ def main(argv=None):
     with torch.no_grad():
         images, timings = generate(bundle, unet, NoiseSchedule(bundle.alphas_cumprod.to(device)), prompts, steps,
                                    guidance, args.height or size, args.width or size, args.seed, args.n,
-                                   teacher_eta=args.eta if args.teacher else None)
+                                   teacher_eta=args.eta if args.teacher else None, decode=decode)
     print(" | ".join(f"{k} {v * 1000:.1f} ms" for k, v in timings.items()))
     if not torch.isfinite(images).all():
         raise SystemExit(f"{label}: the images hold non-finite pixels (NaN/Inf), so {args.out} was not written. "

@@ -254,7 +254,8 @@ class ResnetBlock(nn.Module):
 
 class Attention(nn.Module):
     """Multi-head attention from tokens x to `context` (x itself for self-attention), via PyTorch's SDPA kernel.
-    Plain Linear projections, so adapters (LoRA in discriminator.py) can hook them."""
+    Plain Linear projections, so adapters (LoRA in discriminator.py) can hook them. A self-attention can fuse its
+    three projections into one (`fuse_qkv`, an inference switch: one (3C, C) matrix product instead of three)."""
 
     def __init__(self, dim: int, context_dim: int, heads: int):
         super().__init__()
@@ -263,11 +264,76 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(context_dim, dim, bias=False)
         self.to_v = nn.Linear(context_dim, dim, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])  # a list only so the key is diffusers' `to_out.0`
+        self.to_qkv = None  # set by fuse_qkv
 
     def forward(self, x, context):
         split = lambda t: t.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # noqa: E731  (B, N, C) -> (B, h, N, C/h)
-        out = F.scaled_dot_product_attention(split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context)))
+        if self.to_qkv is not None:
+            if context is not x:
+                raise ValueError("Attention: a fused (fuse_qkv) attention is self-attention; call it as attn(x, x).")
+            q, k, v = self.to_qkv(x).chunk(3, dim=-1)
+        else:
+            q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        out = F.scaled_dot_product_attention(split(q), split(k), split(v))
         return self.to_out[0](out.transpose(1, 2).flatten(2))
+
+    def fuse_qkv(self) -> None:
+        """Replace to_q, to_k, to_v by one Linear whose weight is theirs stacked, [W_q; W_k; W_v] (3C, C): the same
+        products in one matrix multiply. The state dict keeps the checkpoint's own keys (`to_q.weight`, ...: a
+        state-dict hook splits the fused weight again), so a fused model saves exactly the file it was loaded from."""
+        if self.to_qkv is not None:
+            return
+        projections = (self.to_q, self.to_k, self.to_v)
+        if len({p.weight.shape for p in projections}) != 1:
+            raise ValueError("Attention.fuse_qkv: q, k and v have different shapes; only a self-attention fuses.")
+        weight = torch.cat([p.weight.detach() for p in projections])
+        fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        fused.weight = nn.Parameter(weight, requires_grad=projections[0].weight.requires_grad)
+        del self.to_q, self.to_k, self.to_v
+        self.to_qkv = fused
+        self.register_state_dict_post_hook(_split_fused_qkv)
+        self.register_load_state_dict_pre_hook(_stack_qkv)
+
+
+def _split_fused_qkv(module, state_dict, prefix, local_metadata):
+    """state_dict hook of a fused Attention: `to_qkv.weight` back into the checkpoint's `to_q/to_k/to_v.weight`, in
+    the unfused order (each a copy: safetensors refuses tensors that share memory)."""
+    fused = state_dict.pop(prefix + "to_qkv.weight")
+    parts = {f"{prefix}{name}.weight": part.clone() for name, part in zip(("to_q", "to_k", "to_v"), fused.chunk(3))}
+    items = list(state_dict.items())
+    state_dict.clear()
+    for key, value in items:  # the unfused module's order: to_q, to_k, to_v just before to_out
+        if key.startswith(prefix + "to_out."):
+            state_dict.update(parts)
+            parts = {}
+        state_dict[key] = value
+
+
+def _stack_qkv(module, state_dict, prefix, *args):
+    """load_state_dict pre-hook of a fused Attention: a checkpoint's to_q/to_k/to_v weights stacked into to_qkv."""
+    names = [f"{prefix}{p}.weight" for p in ("to_q", "to_k", "to_v")]
+    if all(n in state_dict for n in names):
+        state_dict[prefix + "to_qkv.weight"] = torch.cat([state_dict.pop(n) for n in names])
+
+
+def check_fusable(unet: nn.Module) -> None:
+    """Refuse to fuse q/k/v where adapters could be on the projections (LoRA wrappers, hooks, parametrizations):
+    the fused product would silently bypass them. Fusion is an inference switch for a plain (or merged) UNet."""
+    from torch.nn.utils import parametrize
+    for name, m in unet.named_modules():
+        kind = type(m).__name__.lower()
+        if "lora" in kind or "adapter" in kind or type(m).__module__ in ("lora", "discriminator"):
+            raise ValueError(f"fuse_qkv: the UNet holds an adapter module ({name}: {type(m).__name__}); fused q/k/v "
+                             "is an inference switch for a plain UNet. Merge the adapters first (lora.merge).")
+        if m._forward_hooks or m._forward_pre_hooks or parametrize.is_parametrized(m):
+            raise ValueError(f"fuse_qkv: {name or 'the UNet'} has forward hooks or parametrizations (adapters?); "
+                             "fused q/k/v would bypass them. Fuse a plain UNet, or merge the adapters first.")
+    for name, m in unet.named_modules():
+        if isinstance(m, TransformerBlock) and m.attn1.to_qkv is None:
+            bad = [p for p in ("to_q", "to_k", "to_v") if type(getattr(m.attn1, p)) is not nn.Linear]
+            if bad:
+                raise ValueError(f"fuse_qkv: {name}.attn1.{bad[0]} is a {type(getattr(m.attn1, bad[0])).__name__}, "
+                                 "not a plain Linear (an adapter?); merge the adapters first (lora.merge).")
 
 
 class GEGLU(nn.Module):
@@ -464,6 +530,15 @@ class UNet(nn.Module):
             x = self._run(block, x, block_skips, temb, context, out_size)
         return self.conv_out(F.silu(self.conv_norm_out(x)))
 
+    def fuse_qkv(self) -> "UNet":
+        """Fuse every self-attention's q/k/v projections (Attention.fuse_qkv), in place; returns self. Inference only:
+        refused where adapters are attached (check_fusable). Saving still writes the separate to_q/to_k/to_v keys."""
+        check_fusable(self)
+        for m in self.modules():
+            if isinstance(m, TransformerBlock):
+                m.attn1.fuse_qkv()
+        return self
+
     def _run(self, block, *args):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
@@ -574,14 +649,16 @@ def ldm_unet_key_map(cfg: UNetConfig) -> dict:
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 
-def load_unet(path, device="cpu", dtype=torch.float32, config: UNetConfig | None = None) -> UNet:
+def load_unet(path, device="cpu", dtype=torch.float32, config: UNetConfig | None = None,
+              fuse_qkv: bool = False) -> UNet:
     """A UNet from a diffusers folder (its root or its unet/ subfolder; also what `save_unet` writes) or an original
     single file (.safetensors, or .ckpt read with weights_only=True) holding SD1.5 under `model.diffusion_model.`.
 
     `config` is the architecture of a single file (default SD1.5; a student's ω input is detected from its weights);
     folders carry their own config.json. Loading is strict (checkpoint.load_strict): the model is built on the meta
     device and filled tensor by tensor in `dtype`, so RAM stays near the model's size. Other keys of a single file
-    (VAE, text encoder, schedule buffers, model_ema.*) are not the UNet's and are ignored."""
+    (VAE, text encoder, schedule buffers, model_ema.*) are not the UNet's and are ignored. `fuse_qkv`: fuse the
+    self-attention projections after loading (UNet.fuse_qkv; inference only)."""
     path = Path(path)
     if path.is_dir():
         folder = path / "unet" if (path / "unet").is_dir() else path
@@ -604,7 +681,8 @@ def load_unet(path, device="cpu", dtype=torch.float32, config: UNetConfig | None
         weights = RenamedWeights(weights, {ours.get(k[len(LDM_UNET_PREFIX):], k): k for k in keys})
     with torch.device("meta"):
         unet = UNet(config)
-    return load_strict(unet, weights, source, device=device, dtype=dtype).eval()
+    unet = load_strict(unet, weights, source, device=device, dtype=dtype).eval()
+    return unet.fuse_qkv() if fuse_qkv else unet
 
 
 def ldm_unet_state_dict(unet: UNet) -> dict:

@@ -136,3 +136,78 @@ def test_clear_errors(tmp_path, tiny, capsys):
         sample.main(["--model", str(tiny), "--student", str(tmp_path / "plain"), "--prompt", "x"])
     with pytest.raises(SystemExit):
         sample.main(["--model", str(tiny), "--student", str(tiny / "student"), "--steps", "12", "--prompt", "x"])
+
+
+# ---- the fast path: a sync-free loop, compiled UNet and decode, fused q/k/v, bf16 decode ---------------------------
+
+def start_and_plan(bundle, unet, steps, seed=5):
+    """Start latents, conditions and ω as generate makes them, and the loop's plan."""
+    noise = sample.image_noise([seed, seed + 1])
+    x = noise(torch.empty(2, 4, 32 // bundle.vae.spatial_factor, 32 // bundle.vae.spatial_factor))
+    cond, w = bundle.encode_prompts(["a cat", "a dog"]), torch.full((2,), 7.5)
+    plan = sample.consistency_plan(consistency_timesteps(steps), NoiseSchedule(bundle.alphas_cumprod), x, noise,
+                                   unet.config.timestep_scaling, unet.config.sigma_data)
+    return x, cond, w, plan, noise
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_sync_free_loop_equals_sample_consistency(tiny, steps):
+    """consistency_loop with its precomputed plan gives bit for bit what sample_consistency gives (same draws)."""
+    bundle, unet = load_sd15(tiny), load_unet(tiny / "student")
+    x, cond, w, plan, _ = start_and_plan(bundle, unet, steps)
+    noise = sample.image_noise([5, 6])  # the same seeds again, drawn as the old loop draws them
+    noise(torch.empty_like(x))  # x_999
+    with torch.no_grad():
+        fast = sample.consistency_loop(unet, x, cond, w, plan)
+        reference = sample_consistency(unet, x, cond, w, consistency_timesteps(steps),
+                                       NoiseSchedule(bundle.alphas_cumprod), noise,
+                                       timestep_scaling=unet.config.timestep_scaling, sigma_data=unet.config.sigma_data)
+    assert torch.equal(fast, reference)
+
+
+def test_sampling_loop_has_no_host_syncs(tiny):
+    """The whole 2-step loop, UNet included, traces as ONE graph under torch.compile(fullgraph=True): an .item(), a
+    .tolist(), a print or a Python branch on a tensor's value anywhere in it is a graph break, which fullgraph turns
+    into an error. (backend "eager": Dynamo's tracing only, no code generation, so this takes seconds.)"""
+    bundle, unet = load_sd15(tiny), load_unet(tiny / "student", fuse_qkv=True)
+    x, cond, w, plan, _ = start_and_plan(bundle, unet, 2)
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    torch._dynamo.reset()
+    with torch.no_grad():
+        traced = torch.compile(sample.consistency_loop, backend=counting, fullgraph=True)(unet, x, cond, w, plan)
+        eager = sample.consistency_loop(unet, x, cond, w, plan)
+    assert len(graphs) == 1 and torch.equal(traced, eager)
+    calls = [n for n in graphs[0].graph.nodes if n.op == "call_method" and n.target in ("item", "tolist", "cpu")]
+    assert not calls, calls
+
+
+def test_compile_fuse_qkv_and_bf16_decode_from_the_command_line(tmp_path, tiny, monkeypatch, capsys):
+    """sample.py --compile --fuse-qkv --decode-dtype bf16 compiles the UNet and the decode with fullgraph=True (here
+    with Dynamo's eager backend, so that a graph break fails fast) and writes nearly the default run's image."""
+    compiled = []
+    real_compile = torch.compile
+
+    def compile_eagerly(fn, **kwargs):
+        assert kwargs["fullgraph"] is True
+        compiled.append(fn)
+        return real_compile(fn, **{**kwargs, "backend": "eager", "mode": None})
+    monkeypatch.setattr(torch, "compile", compile_eagerly)
+    common = ["--model", str(tiny), "--student", str(tiny / "student"), "--prompt", "a cat", *SAMPLE_SIZE]
+    torch._dynamo.reset()
+    sample.main([*common, "--compile", "--fuse-qkv", "--decode-dtype", "bf16", "--out", str(tmp_path / "fast.png")])
+    assert len(compiled) == 2  # the UNet and the decode
+    sample.main([*common, "--out", str(tmp_path / "plain.png")])
+    fast, plain = (torch.tensor(list(png(tmp_path / f"{n}.png").getdata())).float() for n in ("fast", "plain"))
+    assert 0 < (fast - plain).abs().max() <= 16  # bf16 decode: a few grey levels, not another image
+    assert "--compile" in (h := help_text(capsys)) and "--fuse-qkv" in h and "--decode-dtype" in h
+
+
+def help_text(capsys) -> str:
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        sample.main(["--help"])
+    return capsys.readouterr().out

@@ -366,3 +366,77 @@ def test_bad_files_and_folders_are_refused(tmp_path):
             load_unet(path, config=TINY)
     with pytest.raises(ValueError, match="original_file must end in .safetensors"):
         save_unet(UNet(TINY), tmp_path / "out", original_file=str(tmp_path / "model.ckpt"))
+
+
+# ---- fused q/k/v (an inference switch) ------------------------------------------------------------------------------
+
+def test_fused_qkv_is_exact_in_fp32_and_has_no_graph_breaks():
+    """UNet.fuse_qkv computes what the unfused UNet computes (fp32, ≤ 1e-6 relative; the products only differ in
+    blocking), is one Linear per self-attention, and the fused UNet traces as one graph (torch._dynamo.explain)."""
+    torch.manual_seed(0)
+    cfg = UNetConfig.tiny()
+    plain = make_student(UNet(cfg).eval(), 16)
+    fused = copy_of(plain).fuse_qkv()
+    attn = fused.down_blocks[0].attentions[0].transformer_blocks[0].attn1
+    assert attn.to_qkv.weight.shape == (3 * attn.to_out[0].in_features, attn.to_out[0].in_features)
+    assert not hasattr(attn, "to_q") and fused.mid_block.attentions[0].transformer_blocks[0].attn2.to_qkv is None
+    x, t, context, _ = inputs(cfg)
+    w = torch.tensor([3.0, 8.0])
+    with torch.no_grad():
+        expected, got = plain(x, t, context, w), fused(x, t, context, w)
+    error = relative_error(got, expected)
+    print(f"fused vs unfused q/k/v, fp32: rel. error {error:.1e}")
+    assert error <= 1e-6
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(fused)(x, t, context, w)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+
+
+def copy_of(unet: UNet) -> UNet:
+    import copy
+    return copy.deepcopy(unet)
+
+
+def test_fused_qkv_saves_the_checkpoints_own_keys_byte_identical(tmp_path):
+    """save → load_unet(fuse_qkv=True) → save again writes the same bytes: the fused model's state dict is the
+    checkpoint's, with separate to_q/to_k/to_v keys; load_state_dict of an unfused state dict fills a fused UNet."""
+    torch.manual_seed(0)
+    student = make_student(UNet(UNetConfig.tiny()), 16)
+    save_unet(student, tmp_path / "a")
+    fused = load_unet(tmp_path / "a", fuse_qkv=True)
+    assert any(name.endswith("attn1.to_qkv.weight") for name, _ in fused.named_parameters())
+    assert list(fused.state_dict()) == list(load_unet(tmp_path / "a").state_dict())  # same keys, same order
+    save_unet(fused, tmp_path / "b")
+    for name in ("diffusion_pytorch_model.safetensors", "config.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    other = make_student(UNet(UNetConfig.tiny()), 16)
+    fused.load_state_dict(other.state_dict())
+    loaded, wanted = fused.state_dict(), other.state_dict()
+    assert loaded.keys() == wanted.keys() and all(torch.equal(loaded[k], wanted[k]) for k in wanted)
+
+
+def test_fused_qkv_refuses_adapters():
+    """Fusing would bypass adapters on the projections: refused for hooks, parametrizations and adapter wrappers."""
+    from torch.nn.utils import parametrize
+
+    class LoRAWrapper(torch.nn.Module):  # stands in for any adapter wrapper around a Linear
+        def __init__(self, base):
+            super().__init__()
+            self.base = base
+
+        def forward(self, x):
+            return self.base(x)
+
+    def attn1(unet):
+        return unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
+
+    hooked = UNet(UNetConfig.tiny())
+    attn1(hooked).to_q.register_forward_hook(lambda m, i, o: o)
+    parametrized = UNet(UNetConfig.tiny())
+    parametrize.register_parametrization(attn1(parametrized).to_v, "weight", torch.nn.Identity())
+    wrapped = UNet(UNetConfig.tiny())
+    attn1(wrapped).to_k = LoRAWrapper(attn1(wrapped).to_k)
+    for unet, match in ((hooked, "hooks"), (parametrized, "parametrizations"), (wrapped, "adapter")):
+        with pytest.raises(ValueError, match=match):
+            unet.fuse_qkv()
+        assert attn1(unet).to_qkv is None  # nothing was fused

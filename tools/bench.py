@@ -18,13 +18,16 @@ once to a temporary folder in diffusers' layout and loaded by both libraries. di
 its rows are left out, with a note. Writes --out/bench.md and --out/bench.json.
 """
 import argparse
+import copy
 import dataclasses
+import io
 import json
 import platform
+import resource
 import statistics
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,18 +39,19 @@ from transformers import CLIPTextConfig, CLIPTextModel
 import train
 from consistency import ConsistencyConfig
 from discriminator import DiscriminatorConfig
-from sample import generate
+from sample import generate, prepare_sampler
 from sd15 import load_sd15
 from sde_solver import NoiseSchedule
 from toyworld.toy import build_tokenizer
 from unet import UNet, UNetConfig, guidance_embedding, make_student, save_unet
-from vae import VAE, VAEConfig, save_vae
+from vae import VAE, VAEConfig, decode_dtype, save_vae
 
 try:
     import diffusers
 except ImportError:  # tools/bench.py runs without it: diffusers' rows are then left out
     diffusers = None
 
+SWITCHES = ("compile", "cuda_graphs", "channels_last", "fuse_qkv", "bf16_decode")
 SDPA_BACKENDS = {"auto": None, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                  "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
 
@@ -62,6 +66,16 @@ class BenchConfig:
     sdpa: str = "auto"           # attention kernel: auto, flash, efficient, cudnn, math
     compile: bool = False        # torch.compile the UNets (ours and diffusers' alike)
     cuda_graphs: bool = False    # sampling: compile the UNet with mode="reduce-overhead" (CUDA graphs)
+    compile_backend: str = "inductor"  # torch.compile's backend ("eager": Dynamo tracing only, for quick CPU runs)
+    variants: str = "base"       # unet/sample rows: our UNet once per variant, each "+"-joined switches on top of
+                                 # the flags above (compile, cuda_graphs, channels_last, fuse_qkv, bf16_decode)
+    sample_px: int = 0           # sample rows: image side in px (0 = the model's own, 512 for SD1.5)
+    sample_batches: str = "1,8"  # sample rows: batch sizes
+    lora_modes: str = "eager,checkpointed,compiled"  # SCott-LoRA step rows (unsupported ones say so)
+    suite: bool = False          # every GPU question in one run (tools/gpu_run.sh): bench rows with each switch on
+                                 # and off, then tools.gpu_check; tables into --docs between markers
+    docs: str = ""               # with --suite: the markdown file whose marked section is regenerated
+    budget_s: int = 540          # with --suite: items not started within this many seconds are listed as not run
     impls: str = "ours,diffusers"
     shapes: str = "1x512,8x512,32x512,1x1024"  # unet rows: batch x image size in px (latents are 8× smaller)
     micro_batch: int = 10        # the step rows (paper: 10 per GPU)
@@ -94,7 +108,12 @@ def measure(fn, cfg: BenchConfig) -> dict:
             fn()
             times.append(1000 * (time.perf_counter() - t0))
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
-    return {"ms": statistics.median(times), "peak_gib": peak}
+    return {"ms": statistics.median(times), "peak_gib": peak, "max_rss_gib": max_rss_gib()}
+
+
+def max_rss_gib() -> float:
+    """The process's peak resident memory so far (Linux ru_maxrss, KiB): a high-water mark over every earlier row."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
 def count_flops(fn) -> int:
@@ -178,11 +197,45 @@ def options(cfg: BenchConfig) -> dict:
     return {k: getattr(cfg, k) for k in ("bf16", "channels_last", "sdpa", "compile", "cuda_graphs")}
 
 
-def prepare(module, cfg: BenchConfig, mode: str | None = None):
+def prepare(module, cfg: BenchConfig, mode: str | None = None, fullgraph: bool = False):
     """channels_last and torch.compile as cfg says (the same for ours and diffusers')."""
     if cfg.channels_last:
         module = module.to(memory_format=torch.channels_last)
-    return torch.compile(module, mode=mode) if cfg.compile or mode else module
+    if not (cfg.compile or mode):
+        return module
+    if cfg.compile_backend != "inductor":
+        return torch.compile(module, backend=cfg.compile_backend, fullgraph=fullgraph)
+    return torch.compile(module, mode=mode, fullgraph=fullgraph)
+
+
+def variant_switches(variant: str) -> set:
+    """"base" or "+"-joined SWITCHES, e.g. "compile+fuse_qkv", as a set."""
+    switches = set(variant.split("+")) - {"base"}
+    unknown = switches - set(SWITCHES)
+    if unknown:
+        raise ValueError(f"--variants {variant}: unknown switches {sorted(unknown)}; choose from base, "
+                         f"{', '.join(SWITCHES)}")
+    return switches
+
+
+def variant_cfg(cfg: BenchConfig, switches: set) -> BenchConfig:
+    """cfg with a variant's switches turned on (cuda_graphs implies compile)."""
+    return dataclasses.replace(cfg, compile=cfg.compile or bool(switches & {"compile", "cuda_graphs"}),
+                               cuda_graphs=cfg.cuda_graphs or "cuda_graphs" in switches,
+                               channels_last=cfg.channels_last or "channels_last" in switches)
+
+
+def our_unet(unet: UNet, cfg: BenchConfig, switches: set):
+    """(eager copy, callable) of our UNet for one variant: fused q/k/v on a copy, then prepare (fullgraph: a graph
+    break in our UNet is an error here, not a slower row)."""
+    vcfg = variant_cfg(cfg, switches)
+    eager = copy.deepcopy(unet).fuse_qkv() if "fuse_qkv" in switches else unet
+    torch._dynamo.reset()  # each variant compiles afresh (and none hits the recompile limit)
+    return eager, prepare(eager, vcfg, "reduce-overhead" if vcfg.cuda_graphs else None, fullgraph=True)
+
+
+def variant_label(variant: str) -> str:
+    return "ours" if variant == "base" else f"ours {variant}"
 
 
 def unet_rows(folder: Path, cfg: BenchConfig, peak: float | None) -> list[dict]:
@@ -190,7 +243,7 @@ def unet_rows(folder: Path, cfg: BenchConfig, peak: float | None) -> list[dict]:
     bundle = load_sd15(folder, device=device, dtype=dtype)
     ours = bundle.unet
     mode = "reduce-overhead" if cfg.cuda_graphs else None
-    impls = {"ours": (ours, prepare(ours, cfg, mode))}
+    impls = {variant_label(v): our_unet(ours, cfg, variant_switches(v)) for v in cfg.variants.split(",")}
     if diffusers and "diffusers" in cfg.impls:
         ref = diffusers_unet(ours)
         impls["diffusers"] = (ref, prepare(ref, cfg, mode))
@@ -207,78 +260,132 @@ def unet_rows(folder: Path, cfg: BenchConfig, peak: float | None) -> list[dict]:
             x = x.to(memory_format=torch.channels_last)
         flops = count_flops(lambda: ours(x, t, c))
         for name, (eager, run) in impls.items():
-            call = (lambda: run(x, t, c)) if name == "ours" else (lambda: run(x, t, encoder_hidden_states=c).sample)
+            call = (lambda: run(x, t, c)) if name != "diffusers" else (lambda: run(x, t, encoder_hidden_states=c).sample)
             with torch.no_grad():
                 rows.append(row("unet forward", name, f"B={batch} {size * factor}px", flops, measure(call, cfg), peak))
             print(rows[-1], flush=True)
     return rows
 
 
+LORA_MODES = {"eager": {}, "checkpointed": {"grad_checkpointing": True}, "compiled": {"compile": True}}
+
+
+def step_settings(cfg: BenchConfig) -> list:
+    """(label, consistency config, λ_adv, LoRA rank, extra TrainConfig settings) of each step row."""
+    # η = 0.3, the setting docs/performance.md was measured with (the default is 0.1); η does not change the cost.
+    lora = ConsistencyConfig(eta=0.3, w_min=3.0, w_max=15.0)
+    return [("SCott step (h=3, η=0.3, CFG, EMA, D)", ConsistencyConfig(eta=0.3), 0.4, 0, {}),
+            ("LCM-style step (η=0, h=1, CFG, EMA)", ConsistencyConfig(eta=0.0, substeps=1), 0.0, 0, {}),
+            *[(f"SCott-LoRA step {mode} (rank 64, h=3, η=0.3, CFG, EMA, D)", lora, 0.4, 64,
+               {"compile": False, **LORA_MODES[mode]}) for mode in cfg.lora_modes.split(",")]]
+
+
 def step_rows(folder: Path, cfg: BenchConfig, peak: float | None) -> list[dict]:
-    """The trainer's own step: train.build_models + build_optimizers + train_step, as train.main runs them."""
+    """The trainer's own step: train.build_models + build_optimizers + train_step, as train.main runs them. A
+    combination train.py refuses (TrainConfig raises) is a row that says "unsupported" and why."""
     device = torch.device(cfg.device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
     rows = []
-    # η = 0.3, the setting docs/performance.md was measured with (the default is 0.1); η does not change the cost.
-    settings = {"SCott step (h=3, η=0.3, CFG, EMA, D)": (ConsistencyConfig(eta=0.3), 0.4, 0),
-                "LCM-style step (η=0, h=1, CFG, EMA)": (ConsistencyConfig(eta=0.0, substeps=1), 0.0, 0),
-                "SCott-LoRA step (rank 64, h=3, η=0.3, CFG, EMA, D)":
-                    (ConsistencyConfig(eta=0.3, w_min=3.0, w_max=15.0), 0.4, 64)}
-    for label, (consistency, adv_weight, lora_rank) in settings.items():
+    for label, consistency, adv_weight, lora_rank, extra in step_settings(cfg):
         impls = ["ours", "diffusers"] if adv_weight == 0 and diffusers else ["ours"]
+        shape = label + f" B={cfg.micro_batch}"
         for impl in impls:
-            tcfg = train.TrainConfig(model=str(folder), micro_batch=cfg.micro_batch, global_batch=cfg.micro_batch,
-                                     adv_weight=adv_weight, bf16=cfg.bf16, compile=cfg.compile and not lora_rank,
-                                     channels_last=cfg.channels_last, student_lora_rank=lora_rank)
-            torch.manual_seed(0)
-            models = train.build_models(load_sd15(folder, device=device), tcfg, consistency, DiscriminatorConfig(),
-                                        device, world=1)
-            size, width = models.teacher.config.sample_size, models.teacher.config.cross_attention_dim
-            if impl == "diffusers":  # the same step code with diffusers' modules in place of ours
-                student, target, teacher = (DiffusersEps(prepare(diffusers_unet(m), cfg)) for m in
-                                            (models.student, models.target, models.teacher))
-                student.train().requires_grad_(True)
-                models = dataclasses.replace(models, student=student, target=target, teacher=teacher,
-                                             student_fwd=student, target_fwd=target, teacher_fwd=teacher)
-            opt, d_opt = train.build_optimizers(models, tcfg, device)
-            g = torch.Generator(device).manual_seed(0)
-            z0 = torch.randn(cfg.micro_batch, 4, size, size, device=device, generator=g)  # (B, 4, 64, 64) latents
-            c = torch.randn(cfg.micro_batch, 77, width, device=device, generator=g)       # (B, 77, 768) CLIP features
-            step = lambda: train.train_step(models, opt, d_opt, [(z0, c)], tcfg, consistency, False, g,  # noqa: E731
-                                            autocast)
-            flops = count_flops(step)
-            rows.append(row("training step", impl, label + f" B={cfg.micro_batch}", flops, measure(step, cfg), peak))
-            del models, opt, d_opt, step
+            try:
+                tcfg = train.TrainConfig(**{"model": str(folder), "micro_batch": cfg.micro_batch,
+                                            "global_batch": cfg.micro_batch, "adv_weight": adv_weight,
+                                            "bf16": cfg.bf16, "compile": cfg.compile,
+                                            "channels_last": cfg.channels_last, "student_lora_rank": lora_rank,
+                                            **extra})
+            except ValueError as e:
+                rows.append(unsupported("training step", impl, shape, str(e)))
+                print(rows[-1], flush=True)
+                continue
+            torch._dynamo.reset()
+            rows.append(step_row(folder, cfg, tcfg, consistency, impl, shape, autocast, peak))
+            print(rows[-1], flush=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return rows
 
 
+def step_row(folder, cfg: BenchConfig, tcfg, consistency, impl, shape, autocast, peak) -> dict:
+    """One timed training step configuration (see step_rows)."""
+    device = torch.device(cfg.device)
+    torch.manual_seed(0)
+    models = train.build_models(load_sd15(folder, device=device), tcfg, consistency, DiscriminatorConfig(),
+                                device, world=1)
+    size, width = models.teacher.config.sample_size, models.teacher.config.cross_attention_dim
+    if impl == "diffusers":  # the same step code with diffusers' modules in place of ours
+        student, target, teacher = (DiffusersEps(prepare(diffusers_unet(m), cfg)) for m in
+                                    (models.student, models.target, models.teacher))
+        student.train().requires_grad_(True)
+        models = dataclasses.replace(models, student=student, target=target, teacher=teacher,
+                                     student_fwd=student, target_fwd=target, teacher_fwd=teacher)
+    opt, d_opt = train.build_optimizers(models, tcfg, device)
+    g = torch.Generator(device).manual_seed(0)
+    z0 = torch.randn(cfg.micro_batch, 4, size, size, device=device, generator=g)  # (B, 4, 64, 64) latents
+    c = torch.randn(cfg.micro_batch, 77, width, device=device, generator=g)       # (B, 77, 768) CLIP features
+    step = lambda: train.train_step(models, opt, d_opt, [(z0, c)], tcfg, consistency, False, g,  # noqa: E731
+                                    autocast)
+    flops = count_flops(step)
+    return row("training step", impl, shape, flops, measure(step, cfg), peak)
+
+
+def unsupported(section, impl, shape, why: str) -> dict:
+    return {"section": section, "impl": impl, "shape": shape, "ms": None, "gflop": None, "tflops": None,
+            "pct_peak": None, "peak_gib": None, "max_rss_gib": None, "note": f"unsupported: {why}"}
+
+
 def sample_rows(folder: Path, cfg: BenchConfig, peak: float | None) -> list[dict]:
-    """2-step generation from prompts to images: text encoding, two student evaluations, VAE decode."""
+    """2-step generation from prompts to images: text encoding, two student evaluations, VAE decode; our sampler
+    once per variant (sample.prepare_sampler: compiled UNet and decode, CUDA graphs, fused q/k/v, bf16 decode)."""
     device, dtype = torch.device(cfg.device), torch.bfloat16 if cfg.bf16 else torch.float32
     bundle = load_sd15(folder, device=device, dtype=dtype)
     student = make_student(bundle.unet).eval()
-    run = prepare(student, cfg, mode="reduce-overhead" if cfg.cuda_graphs else None)
-    pipe = lcm_pipeline(folder, bundle, student) if diffusers else None
+    pipe = lcm_pipeline(folder, bundle, student) if diffusers and "diffusers" in cfg.impls else None
     if pipe and (cfg.compile or cfg.cuda_graphs):
         pipe.unet = prepare(pipe.unet, cfg, mode="reduce-overhead" if cfg.cuda_graphs else None)
-    size = student.config.sample_size * bundle.vae.spatial_factor
+    size = cfg.sample_px or student.config.sample_size * bundle.vae.spatial_factor
     schedule = NoiseSchedule(bundle.alphas_cumprod.to(device))
+    batches = [int(b) for b in cfg.sample_batches.split(",")] if not cfg.tiny else [1, 2]
     rows = []
-    for batch in (1, 8) if not cfg.tiny else (1, 2):
+    for variant in cfg.variants.split(","):
+        run, decode = our_sampler(student, bundle.vae, cfg, variant_switches(variant))
+        for batch in batches:
+            prompts = ["a red circle on the left"] * batch
+            ours = lambda: generate(bundle, run, schedule, prompts, steps=2, guidance=7.5,  # noqa: E731
+                                    height=size, width=size, decode=decode)
+            with torch.no_grad():
+                flops = count_flops(lambda: generate(bundle, student, schedule, prompts, steps=2, guidance=7.5,
+                                                     height=size, width=size))
+                rows.append(row("2-step generation", variant_label(variant), f"B={batch} {size}px", flops,
+                                measure(ours, cfg), peak))
+            print(rows[-1], flush=True)
+        del run, decode
+    for batch in batches if pipe else []:
         prompts = ["a red circle on the left"] * batch
-        ours = lambda: generate(bundle, run, schedule, prompts, steps=2,  # noqa: E731
-                                guidance=7.5, height=size, width=size)
+        theirs = lambda: pipe(prompts, num_inference_steps=2, guidance_scale=7.5, height=size,  # noqa: E731
+                              width=size, output_type="pt")
         with torch.no_grad():
-            flops = count_flops(ours)
-            rows.append(row("2-step generation", "ours", f"B={batch} {size}px", flops, measure(ours, cfg), peak))
-            if pipe:
-                theirs = lambda: pipe(prompts, num_inference_steps=2, guidance_scale=7.5, height=size,  # noqa: E731
-                                      width=size, output_type="pt")
-                rows.append(row("2-step generation", "diffusers", f"B={batch} {size}px", flops, measure(theirs, cfg),
-                                peak))
+            flops = count_flops(lambda: generate(bundle, student, schedule, prompts, steps=2, guidance=7.5,
+                                                 height=size, width=size))
+            rows.append(row("2-step generation", "diffusers", f"B={batch} {size}px", flops, measure(theirs, cfg),
+                            peak))
+        print(rows[-1], flush=True)
     return rows
+
+
+def our_sampler(student: UNet, vae, cfg: BenchConfig, switches: set):
+    """(unet, decode) of one sampler variant, on copies (fused q/k/v, the decode dtype), so variants don't mix.
+    Without bf16_decode the decode is fp32, as sample.py does on a CPU."""
+    vcfg = variant_cfg(cfg, switches)
+    eager = copy.deepcopy(student).fuse_qkv() if "fuse_qkv" in switches else student
+    if vcfg.channels_last:
+        eager = copy.deepcopy(eager).to(memory_format=torch.channels_last)
+    dtype = decode_dtype("bf16" if "bf16_decode" in switches else "fp32", cfg.device)
+    torch._dynamo.reset()
+    return prepare_sampler(eager, copy.deepcopy(vae), compile=vcfg.compile, cuda_graphs=vcfg.cuda_graphs,
+                           dtype=dtype, backend=cfg.compile_backend)
 
 
 def row(section, impl, shape, flops, timing, peak) -> dict:
@@ -286,15 +393,19 @@ def row(section, impl, shape, flops, timing, peak) -> dict:
     return {"section": section, "impl": impl, "shape": shape, "ms": round(timing["ms"], 3),
             "gflop": round(flops / 1e9, 3), "tflops": round(tflops, 3),
             "pct_peak": round(100 * tflops / peak, 1) if peak else None,
-            "peak_gib": round(timing["peak_gib"], 2) if timing["peak_gib"] is not None else None}
+            "peak_gib": round(timing["peak_gib"], 2) if timing["peak_gib"] is not None else None,
+            "max_rss_gib": round(timing["max_rss_gib"], 2), "note": ""}
 
 
 def markdown(rows: list[dict], header: str) -> str:
-    lines = [header, "", "| section | impl | shape | ms | GFLOP | TFLOP/s | % peak | peak GiB |", "|---" * 8 + "|"]
+    """The rows as a markdown table; "max RSS GiB" is the process's high-water mark when the row finished."""
+    lines = [header, "", "| section | impl | shape | ms | GFLOP | TFLOP/s | % peak | peak GiB | max RSS GiB | note |",
+             "|---" * 10 + "|"]
+    cell = lambda v: "–" if v is None or v == "" else v  # noqa: E731
     for r in rows:
-        lines.append(f"| {r['section']} | {r['impl']} | {r['shape']} | {r['ms']} | {r['gflop']} | {r['tflops']} | "
-                     f"{r['pct_peak'] if r['pct_peak'] is not None else '–'} | "
-                     f"{r['peak_gib'] if r['peak_gib'] is not None else '–'} |")
+        lines.append("| " + " | ".join(str(cell(r.get(k))) for k in ("section", "impl", "shape", "ms", "gflop", "tflops",
+                                                                     "pct_peak", "peak_gib", "max_rss_gib", "note"))
+                     + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -319,6 +430,15 @@ def parse_args(argv=None) -> BenchConfig:
     unknown = set(cfg.rows.split(",")) - {"unet", "step", "sample"}
     if unknown:
         parser.error(f"--rows: unknown {sorted(unknown)}; choose from unet,step,sample")
+    try:
+        for variant in cfg.variants.split(","):
+            variant_switches(variant)
+    except ValueError as e:
+        parser.error(str(e))
+    if set(cfg.lora_modes.split(",")) - set(LORA_MODES):
+        parser.error(f"--lora-modes {cfg.lora_modes}: choose from {','.join(LORA_MODES)}")
+    if cfg.suite and not cfg.docs:
+        parser.error("--suite needs --docs FILE: the markdown file whose marked section it regenerates")
     if cfg.device == "cpu":
         cfg = dataclasses.replace(cfg, bf16=False)  # bf16 timings on CPU say nothing about a GPU
     return cfg
@@ -326,6 +446,11 @@ def parse_args(argv=None) -> BenchConfig:
 
 def main(argv=None):
     cfg = parse_args(argv)
+    if cfg.suite:
+        return run_suite(cfg)
+    for limit in ("cache_size_limit", "recompile_limit"):  # every variant × shape is its own graph: no eager fallback
+        if hasattr(torch._dynamo.config, limit):
+            setattr(torch._dynamo.config, limit, 64)
     device = torch.device(cfg.device)
     peak = peak_tflops(device)
     env = environment(device, peak)
@@ -349,6 +474,75 @@ def main(argv=None):
                                                indent=1))
     print(f"wrote {out / 'bench.md'} and {out / 'bench.json'}")
     return rows
+
+
+# ---- every GPU question in one run (tools/gpu_run.sh) ----------------------------------------------------------
+
+BEGIN, END = "<!-- gpu_run.sh: begin (generated; edits between these markers are overwritten) -->", \
+    "<!-- gpu_run.sh: end -->"
+
+
+def suite_items(cfg: BenchConfig) -> list:
+    """(title, bench flags) of the suite, most important first: each switch on and off on the same rows."""
+    graphs = [] if cfg.device == "cpu" else ["cuda_graphs+fuse_qkv"]  # CUDA graphs exist only on a GPU
+    sample_variants = ["base", "bf16_decode", "fuse_qkv", "channels_last", "compile", "compile+fuse_qkv+bf16_decode",
+                       *[g + "+bf16_decode" for g in graphs], "compile+fuse_qkv+channels_last+bf16_decode"]
+    unet_variants = ["base", "channels_last", "fuse_qkv", "compile", "compile+fuse_qkv",
+                     "compile+fuse_qkv+channels_last", *graphs]
+    return [
+        ("2-step generation, B = 1: each switch",
+         ["--rows", "sample", "--sample-batches", "1", "--variants", ",".join(sample_variants)]),
+        ("UNet forward: each switch", ["--rows", "unet", "--shapes", "1x512,32x512", "--variants", ",".join(unet_variants)]),
+        ("training steps, eager (SCott, LCM-style, SCott-LoRA eager/checkpointed/compiled)", ["--rows", "step"]),
+        ("training steps, compiled", ["--rows", "step", "--compile", "--lora-modes", "eager", "--impls", "ours"]),
+    ]
+
+
+def run_suite(cfg: BenchConfig) -> list[dict]:
+    """Run suite_items, then tools.gpu_check, within cfg.budget_s (an item not started in time is listed as not run),
+    and write every table into cfg.docs between BEGIN and END (the rest of the file is left as it is)."""
+    from tools import gpu_check  # gpu_check imports this module
+    t0, sections, rows = time.time(), [], []
+    common = ["--device", cfg.device, "--warmup", str(cfg.warmup), "--repeats", str(cfg.repeats),
+              "--micro-batch", str(cfg.micro_batch), "--compile-backend", cfg.compile_backend,
+              *(["--tiny"] if cfg.tiny else [])]
+    for title, flags in suite_items(cfg):
+        if time.time() - t0 > cfg.budget_s:
+            sections.append(f"### {title}\n\nnot run: the {cfg.budget_s} s budget was spent\n")
+            continue
+        out = Path(cfg.out) / title.split(",")[0].replace(" ", "-").replace("=", "")
+        new = main([*common, *flags, "--out", str(out)])
+        rows += new
+        sections.append(f"### {title}\n\n`python -m tools.bench {' '.join(common + flags)}`\n\n" +
+                        markdown(new, f"{time.time() - t0:.0f} s into the run"))
+    log = io.StringIO()
+    if time.time() - t0 <= cfg.budget_s:
+        with redirect_stdout(log):
+            status = gpu_check.main(["--device", cfg.device, *(["--tiny"] if cfg.tiny else []),
+                                     "--out", str(Path(cfg.out) / "gpu_check")])
+        print(log.getvalue(), flush=True)
+        sections.append(f"### tools/gpu_check.py (exit status {status})\n\n```\n{log.getvalue().strip()}\n```\n")
+    else:
+        sections.append(f"### tools/gpu_check.py\n\nnot run: the {cfg.budget_s} s budget was spent\n")
+    env = environment(torch.device(cfg.device), None)
+    header = (f"Generated by `tools/gpu_run.sh` ({time.time() - t0:.0f} s): {env['device']}, torch {env['torch']}, "
+              f"CUDA {env['cuda']}, diffusers {env['diffusers']}; warm-up {cfg.warmup}, repeats {cfg.repeats}"
+              f"{'; TINY shapes (a dry run, not a measurement)' if cfg.tiny else ''}.\n")
+    write_section(Path(cfg.docs), header + "\n" + "\n".join(sections))
+    print(f"wrote the tables into {cfg.docs}")
+    return rows
+
+
+def write_section(path: Path, text: str) -> None:
+    """Replace what lies between BEGIN and END in `path` by `text` (append the markers if absent), atomically."""
+    old = path.read_text() if path.exists() else ""
+    if BEGIN in old and END in old:
+        before, after = old.split(BEGIN)[0], old.split(END, 1)[1]
+    else:
+        before, after = old + ("\n" if old and not old.endswith("\n") else ""), "\n"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(f"{before}{BEGIN}\n{text.rstrip()}\n{END}{after}")
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

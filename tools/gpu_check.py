@@ -12,10 +12,15 @@ Checks (SD1.5 shapes use random weights; the trainer checks run the shipped toy 
   resume      a run stopped and resumed (--deterministic) ends bit-identical to a straight run
   sigterm     SIGTERM to the trainer's process group: a checkpoint at the step boundary and exit 0
   memory      one SCott step at SD1.5 shapes and micro-batch 10 (bf16, D on) fits; its peak memory and time
-  sampler     2-step 512 px generation at B = 1: the time of each stage (text, UNet, VAE decode)
-Exit status 1 if any check fails.
+  sampler     2-step 512 px generation at B = 1: the time of each stage (text, UNet, VAE decode), eager and
+              compiled (fused q/k/v, bf16 decode; on a GPU the compiled loop runs under
+              torch.cuda.set_sync_debug_mode("error"), so a host sync in it fails the check), and bf16's error
+  lora_compile     the SCott-LoRA step compiled vs eager: same losses
+  lora_checkpoint  the SCott-LoRA step with gradient checkpointing vs without: same gradients (the same update)
+Exit status 1 if any check fails; a combination train.py refuses is reported UNSUPPORTED (not a failure).
 """
 import argparse
+import copy
 import os
 import signal
 import subprocess
@@ -33,13 +38,20 @@ import train
 from tools.bench import diffusers, diffusers_unet, write_random_sd15
 from consistency import ConsistencyConfig
 from discriminator import DiscriminatorConfig
-from sample import generate
+from consistency import consistency_timesteps
+from sample import consistency_loop, consistency_plan, generate, image_noise, prepare_sampler
 from sd15 import load_sd15
 from sde_solver import NoiseSchedule
 from unet import make_student
+from vae import decode_dtype
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository root
-CHECKS = ("precision", "torchrun", "resume", "sigterm", "memory", "sampler", "compile")  # compile last: the slowest
+CHECKS = ("precision", "torchrun", "resume", "sigterm", "memory", "sampler", "lora_checkpoint", "lora_compile",
+          "compile")  # compile last: the slowest
+
+
+class Unsupported(Exception):
+    """train.py refuses the combination a check needs (reported, not counted as a failure)."""
 
 
 @dataclass
@@ -92,10 +104,15 @@ def check_precision(cfg: CheckConfig, work: Path) -> str:
     return detail
 
 
-def step_models(folder: Path, device, compile: bool, micro_batch: int, bf16: bool):
-    """The trainer's models and optimisers for a SCott step with D re-noising, as train.main builds them."""
-    tcfg = train.TrainConfig(model=str(folder), micro_batch=micro_batch, global_batch=micro_batch, adv_weight=0.4,
-                             bf16=bf16, compile=compile, lr=1e-4, d_lr=1e-4)
+def step_models(folder: Path, device, compile: bool, micro_batch: int, bf16: bool, **settings):
+    """The trainer's models and optimisers for a SCott step with D re-noising, as train.main builds them; `settings`
+    are more TrainConfig fields (a combination TrainConfig refuses raises Unsupported)."""
+    try:
+        tcfg = train.TrainConfig(model=str(folder), micro_batch=micro_batch, global_batch=micro_batch, adv_weight=0.4,
+                                 bf16=bf16, compile=compile, lr=1e-4, d_lr=1e-4, **settings)
+    except ValueError as e:
+        raise Unsupported(str(e)) from None
+    torch._dynamo.reset()
     torch.manual_seed(0)
     models = train.build_models(load_sd15(folder, device=device), tcfg, ConsistencyConfig(),
                                 DiscriminatorConfig(renoise=True), device, world=1)
@@ -137,6 +154,39 @@ def check_compile(cfg: CheckConfig, work: Path) -> str:
     return detail
 
 
+def check_lora_compile(cfg: CheckConfig, work: Path) -> str:
+    """Two SCott-LoRA steps (rank 4, D on) eager and compiled: the same losses (tiny UNet shapes)."""
+    device = torch.device(cfg.device)
+    folder = random_model(work, tiny=True)
+    losses = {}
+    for compile in (False, True):
+        models, opt, d_opt, tcfg = step_models(folder, device, compile, micro_batch=4, bf16=device.type == "cuda",
+                                               student_lora_rank=4)
+        losses[compile] = run_steps(models, opt, d_opt, tcfg, device, n=2)
+    error = max(abs(a - b) / max(abs(b), 1e-6) for la, lb in zip(losses[True], losses[False]) for a, b in zip(la, lb))
+    detail = f"(L_cd, L_G, L_D) eager {losses[False]} vs compiled {losses[True]}: max rel. diff {error:.1e}"
+    assert error < 5e-2, detail
+    return detail
+
+
+def check_lora_checkpoint(cfg: CheckConfig, work: Path) -> str:
+    """One SCott-LoRA step with and without gradient checkpointing (fp32, tiny): the same losses and update."""
+    device = torch.device(cfg.device)
+    folder = random_model(work, tiny=True)
+    losses, updates = {}, {}
+    for checkpointing in (False, True):
+        models, opt, d_opt, tcfg = step_models(folder, device, False, micro_batch=2, bf16=False,
+                                               student_lora_rank=4, grad_checkpointing=checkpointing)
+        trained = [p for p in models.student.parameters() if p.requires_grad]
+        start = torch.cat([p.detach().flatten() for p in trained])
+        losses[checkpointing] = run_steps(models, opt, d_opt, tcfg, device, n=1)
+        updates[checkpointing] = torch.cat([p.detach().flatten() for p in trained]) - start
+    error = relative_error(updates[True], updates[False])
+    detail = f"losses {losses[False]} vs checkpointed {losses[True]}; update rel. diff {error:.1e}"
+    assert losses[True] == losses[False] and error < 1e-4, detail
+    return detail
+
+
 def check_memory(cfg: CheckConfig, work: Path) -> str:
     """A real-size step: SD1.5 shapes, micro-batch 10, bf16 autocast, D on, fused AdamW."""
     device = torch.device(cfg.device)
@@ -155,6 +205,8 @@ def check_memory(cfg: CheckConfig, work: Path) -> str:
 
 
 def check_sampler(cfg: CheckConfig, work: Path) -> str:
+    """2-step generation eager (fp32 decode) and fast (compiled, fused q/k/v, bf16 decode where supported): stage
+    times, no host sync inside the compiled loop (CUDA's sync debug mode), and the fast images' error."""
     device = torch.device(cfg.device)
     folder = random_model(work, cfg.tiny)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -162,12 +214,34 @@ def check_sampler(cfg: CheckConfig, work: Path) -> str:
     student = make_student(bundle.unet).eval()
     schedule = NoiseSchedule(bundle.alphas_cumprod.to(device))
     size = student.config.sample_size * bundle.vae.spatial_factor
+    fast_unet = copy.deepcopy(student).fuse_qkv()
+    unet, decode = prepare_sampler(fast_unet, copy.deepcopy(bundle.vae), compile=True,
+                                   cuda_graphs=device.type == "cuda", dtype=decode_dtype("auto", device),
+                                   backend="inductor" if device.type == "cuda" else "eager")
+    run = lambda net, dec: generate(bundle, net, schedule, ["a photo of a cat"], steps=2, guidance=7.5,  # noqa: E731
+                                    height=size, width=size, decode=dec)
     with torch.no_grad():
-        for _ in range(3):  # warm-up, then the last run's timings
-            images, timings = generate(bundle, student, schedule, ["a photo of a cat"], steps=2, guidance=7.5,
-                                       height=size, width=size)
-    assert torch.isfinite(images).all()
-    return f"2 steps {size}px B=1: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in timings.items())
+        for _ in range(3):  # warm-up (and compilation), then the last run's timings
+            images, timings = run(student, None)
+            fast, fast_timings = run(unet, decode)
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("error")  # any synchronising call in the loop raises
+            try:
+                latent = size // bundle.vae.spatial_factor
+                x = torch.randn(1, 4, latent, latent, device=device, dtype=dtype)
+                noise = image_noise([0])
+                plan = consistency_plan(consistency_timesteps(2), schedule, x, noise, 10.0, 0.5)
+                cond = bundle.encode_prompts(["a photo of a cat"])
+                consistency_loop(unet, x, cond, torch.full((1,), 7.5, device=device), plan)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(images).all() and torch.isfinite(fast).all()
+    error = relative_error(fast, images)
+    stages = lambda t: ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in t.items())  # noqa: E731
+    assert error < 5e-2, f"the fast sampler's images differ from eager's by {error:.2e}"
+    return (f"2 steps {size}px B=1: eager {stages(timings)}; compiled+fused q/k/v+{decode_dtype('auto', device)} "
+            f"decode{' + CUDA graphs, loop sync-free' if device.type == 'cuda' else ''} {stages(fast_timings)}; "
+            f"image rel. error {error:.1e}")
 
 
 # ---- the trainer in subprocesses (the shipped toy model) ---------------------------------------------------------
@@ -246,7 +320,8 @@ def check_sigterm(cfg: CheckConfig, work: Path) -> str:
 
 
 CHECK_FUNCTIONS = {"precision": check_precision, "compile": check_compile, "torchrun": check_torchrun,
-                   "resume": check_resume, "sigterm": check_sigterm, "memory": check_memory, "sampler": check_sampler}
+                   "resume": check_resume, "sigterm": check_sigterm, "memory": check_memory, "sampler": check_sampler,
+                   "lora_compile": check_lora_compile, "lora_checkpoint": check_lora_checkpoint}
 
 
 def parse_args(argv=None) -> CheckConfig:
@@ -269,7 +344,7 @@ def main(argv=None) -> int:
     cfg = parse_args(argv)
     print(f"torch {torch.__version__}, device {torch.cuda.get_device_name() if cfg.device.startswith('cuda') else 'cpu'}"
           f", diffusers {diffusers.__version__ if diffusers else 'not installed'}", flush=True)
-    failures = 0
+    failures = unsupported = 0
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(cfg.out or tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -278,10 +353,14 @@ def main(argv=None) -> int:
             try:
                 detail = CHECK_FUNCTIONS[name](cfg, work)
                 print(f"PASS {name} ({time.time() - t0:.0f} s): {detail}", flush=True)
+            except Unsupported as e:
+                unsupported += 1
+                print(f"UNSUPPORTED {name}: train.py refuses it: {e}", flush=True)
             except Exception as e:  # one check's failure must not hide the others' answers
                 failures += 1
                 print(f"FAIL {name} ({time.time() - t0:.0f} s): {type(e).__name__}: {e}", flush=True)
-    print(f"{len(cfg.only.split(',')) - failures} passed, {failures} failed")
+    print(f"{len(cfg.only.split(',')) - failures - unsupported} passed, {failures} failed"
+          + (f", {unsupported} unsupported" if unsupported else ""))
     return 1 if failures else 0
 
 
