@@ -21,9 +21,11 @@ loop); what lives in --out (checkpoints, resume, recovery) is run_folder.py. One
 then an AdamW step of the student, a hinge step of D on real z0 vs the detached fake, and the EMA update.
 Three UNets are alive: the student (fp32 weights, trained), its EMA target (fp32, frozen) and the teacher (frozen;
 bf16 on GPU), which also serves as D's backbone with D's LoRA delta switched on. With --student-lora-rank R
-(SCott-LoRA, docs/lora.md) only the teacher is: the student is LCM-LoRA's rank-R adapters switched on over it,
-the target an EMA copy of those adapters; the student has no ω input (the teacher's ω is still drawn per sample,
-by default from LCM-LoRA's [3, 15]), checkpoints hold the two adapters files, and export.py --to lora ships them.
+(SCott-LoRA, docs/lora.md) only the teacher is: the student is LCM-LoRA's rank-R adapters, a named set in the
+teacher's layers switched on for the student's passes (lora.attach / use_adapters; no hooks, so --compile and
+--grad-checkpointing apply), the target an EMA copy of those adapters (a second set); the student has no ω input
+(the teacher's ω is still drawn per sample, by default from LCM-LoRA's [3, 15]), checkpoints hold the two adapters
+files, and export.py --to lora ships them.
 """
 import argparse
 import copy

@@ -254,7 +254,7 @@ class ResnetBlock(nn.Module):
 
 class Attention(nn.Module):
     """Multi-head attention from tokens x to `context` (x itself for self-attention), via PyTorch's SDPA kernel.
-    Plain Linear projections, so adapters (LoRA in discriminator.py) can hook them."""
+    Plain Linear projections, so LoRA adapters (lora.attach) can adapt them."""
 
     def __init__(self, dim: int, context_dim: int, heads: int):
         super().__init__()
