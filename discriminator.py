@@ -10,15 +10,16 @@ latent z0, fake = the student's prediction ẑ0; hinge loss. Open choices, and o
     scores whatever latent it is given at the timestep it is given: `D(backbone, x_t, t, context)`;
   - rank: `lora_rank` (the default puts the trainable fraction near the paper's 3.6 % on SD1.5).
 
-Memory: D holds no second UNet. The LoRA delta (lora.Adapters) is added by forward hooks on the teacher's own
-decoder Linear layers and only while `active(backbone)` is entered, so outside that block the teacher computes exactly
-the teacher. The LoRA weights and the head live in this module (so an optimiser, a checkpoint or an all-reduce sees
-only them); the backbone is passed in at call time and never registered as a submodule.
+Memory: D holds no second UNet. Its LoRA set (lora.Adapters) is attached to the teacher's own decoder Linear layers
+under the name "discriminator" (lora.attach) and switched on only for D's forward (lora.use_adapters), so otherwise
+the teacher computes exactly the teacher. The UNet returns its last decoder feature map on request
+(`decoder_features=True`), which the head reads: no hooks. The LoRA weights and the head are registered in this
+module (so an optimiser, a checkpoint or an all-reduce sees only them); the backbone is passed in at call time and
+never registered as a submodule.
 
 Gradients: the generator loss must reach the student *through* the frozen backbone, so D's forward never runs under
 no_grad; D's own step scores `x_fake.detach()`, so it never reaches the student.
 """
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +27,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from config import check_settings, setting
-from lora import Adapters
+from lora import Adapters, attach, base_parameters, use_adapters
+
+DISC_ADAPTERS = "discriminator"  # the name of D's LoRA set in the backbone's layers (lora.attach)
 
 
 @dataclass
@@ -52,34 +55,23 @@ class Discriminator(nn.Module):
         if not self.targets:
             raise ValueError("the backbone has no Linear layers in up_blocks: is it a UNet from unet.py?")
         self.lora = Adapters.build(backbone, self.targets, cfg.lora_rank, cfg.lora_alpha)
+        attach(backbone, DISC_ADAPTERS, self.lora)
         width = backbone.up_blocks[-1].resnets[-1].conv2.out_channels  # channels of the last decoder feature map
         self.head = nn.Sequential(nn.GroupNorm(32 if width % 32 == 0 else 1, width), nn.SiLU(),
                                   nn.Conv2d(width, 1, 3, padding=1))
         self.to(next(backbone.parameters()).device)
 
-    @contextmanager
-    def active(self, backbone: nn.Module, features: list):
-        """Within this block, the backbone's decoder Linear layers add their LoRA delta and the last decoder
-        feature map is appended to `features`. On exit the backbone is the plain teacher again."""
-        backbone = getattr(backbone, "_orig_mod", backbone)  # a torch.compile'd UNet: hook the module it wraps
-        hook = backbone.up_blocks[-1].register_forward_hook(lambda m, i, out: features.append(out))
-        try:
-            with self.lora.active(backbone):
-                yield
-        finally:
-            hook.remove()
-
     def forward(self, backbone, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """Patch logits (B, 1, h, w) for latents x_t (B, 4, h, w) at timesteps t (B,): the backbone's decoder with
-        the LoRA delta on, read by the head. The caller chooses what x_t is (train.discriminator_view)."""
-        features = []
-        with self.active(backbone, features):
-            backbone(x_t, t, context)  # its ε output is not used: the head reads the decoder's last features
-        return self.head(features[-1])
+        D's LoRA set on, its last feature map read by the head. `backbone` is the UNet D was built on, or a
+        torch.compile of it. The caller chooses what x_t is (train.discriminator_view)."""
+        with use_adapters(backbone, DISC_ADAPTERS):
+            features = backbone(x_t, t, context, decoder_features=True)
+        return self.head(features)
 
     def trainable_fraction(self, backbone) -> float:
         """Trainable parameters of D over the backbone's parameters (the paper reports ≈3.6 % on SD1.5)."""
-        return sum(p.numel() for p in self.parameters()) / sum(p.numel() for p in backbone.parameters())
+        return sum(p.numel() for p in self.parameters()) / sum(p.numel() for p in base_parameters(backbone))
 
 
 def d_hinge_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:

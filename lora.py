@@ -1,10 +1,14 @@
-"""LoRA adapters on a frozen UNet, switched on by forward hooks; kohya-format files for A1111, ComfyUI and diffusers.
+"""LoRA adapters on a frozen UNet, as named sets in its layers, one switched on at a time; kohya-format files for
+A1111, ComfyUI and diffusers.
 
 A LoRA (Hu et al. 2021) adds a low-rank delta to a frozen layer: y = W x + b + (α / r) · up(down(x)), with `up`
 starting at zero, so the adapted network starts as the frozen one. Here the delta is never written into the
-backbone: `Adapters.active(backbone)` registers forward hooks on the backbone's own modules that add it, and removes
-them on exit, so outside that block the backbone computes exactly the plain UNet. One UNet in memory can then serve
-as the teacher, a LoRA student, its EMA target and the discriminator, each switching on its own adapters.
+backbone: `attach(unet, name, adapters)` turns each adapted nn.Linear / nn.Conv2d into an `Adapted` layer (same
+object, same weights and state-dict keys) that holds named LoRA sets, and `use_adapters(unet, name)` switches one
+set on (an attribute of each layer, read by its forward), so with none on the backbone computes exactly the plain
+UNet. One UNet in memory then serves as the teacher, a LoRA student, its EMA target and the discriminator, each
+with its own set. The selection is ordinary module state: torch.compile guards on it (one graph per set) and the
+UNet's activation checkpointing recomputes a block with the set it ran with (`recompute_context`); no hooks.
 
 Targets follow LCM-LoRA's SD1.5 recipe (Luo et al. 2023, diffusers' train_lcm_distill_lora_sd.py: rank 64,
 alpha = rank, peft `target_modules` matched as module-path suffixes):
@@ -28,7 +32,7 @@ Files:
 import copy
 import json
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -108,8 +112,9 @@ def find_targets(backbone: nn.Module, suffixes) -> list:
 
 
 class Adapters(nn.ModuleDict):
-    """The LoRA weights for a set of backbone modules, keyed by module path (`.` -> `__`). Holds no backbone: it is
-    passed to `active`, so optimisers, checkpoints, all-reduces and `consistency.ema_update` see only the adapters."""
+    """The LoRA weights for a set of backbone modules, keyed by module path (`.` -> `__`). Holds no backbone: its
+    LoRAs are attached to the backbone's layers under a name (`attach`), so optimisers, checkpoints, all-reduces and
+    `consistency.ema_update` see only the adapters."""
 
     def __init__(self, loras: dict):
         super().__init__({key_of(path): lora for path, lora in loras.items()})
@@ -138,19 +143,6 @@ class Adapters(nn.ModuleDict):
         """The adapted module paths."""
         return [path_of(k) for k in self.keys()]
 
-    @contextmanager
-    def active(self, backbone: nn.Module):
-        """Within this block every adapted module of the backbone adds its LoRA delta; on exit the hooks are gone
-        and the backbone is the plain UNet again. A torch.compile'd backbone: the module it wraps is hooked."""
-        layers = dict(getattr(backbone, "_orig_mod", backbone).named_modules())
-        self.check_fits(layers)
-        hooks = [layers[path_of(k)].register_forward_hook(_add_delta(lora)) for k, lora in self.items()]
-        try:
-            yield
-        finally:
-            for h in hooks:
-                h.remove()
-
     def check_fits(self, layers: dict) -> None:
         """Raise ValueError unless every adapter has a module of matching shape in `layers` (path -> module)."""
         for key, lora in self.items():
@@ -162,24 +154,32 @@ class Adapters(nn.ModuleDict):
 
 
 class LoRAStudent(nn.Module):
-    """A LoRA student (or its EMA target): the frozen `backbone` UNet run with `adapters` active, called like a
-    full student, `net(x, t, cond, w) -> ε̂`. Only the adapters are registered, so .parameters(), an optimiser,
-    DDP and `consistency.ema_update` (between two LoRAStudents) see the adapters alone; the backbone is shared.
+    """A LoRA student (or its EMA target): the frozen `backbone` UNet run with its adapter set `name` switched on,
+    called like a full student, `net(x, t, cond, w) -> ε̂`. The adapters are attached to the backbone's layers
+    (`attach`) and registered here only, so .parameters(), an optimiser, DDP and `consistency.ema_update` (between
+    two LoRAStudents) see the adapters alone; the backbone is shared. `backbone_fwd` is what is called (the backbone,
+    or a torch.compile of it: the selection is set outside the compiled call, where Dynamo guards on it).
     `config` is the backbone's with the boundary scalings the student is trained with, as make_student records."""
 
-    def __init__(self, backbone: nn.Module, adapters: Adapters, timestep_scaling: float = 10.0,
-                 sigma_data: float = 0.5):
+    def __init__(self, backbone: nn.Module, adapters: Adapters, name: str = "student",
+                 timestep_scaling: float = 10.0, sigma_data: float = 0.5):
         super().__init__()
-        self.adapters = adapters
+        self.adapters, self.name = adapters, name
         object.__setattr__(self, "backbone", backbone)  # held, not registered: the backbone is not the student's
+        object.__setattr__(self, "backbone_fwd", backbone)
+        attach(backbone, name, adapters)
         plain = getattr(backbone, "_orig_mod", backbone)
         self.config = replace(plain.config, timestep_scaling=timestep_scaling, sigma_data=sigma_data)
+
+    def call_through(self, backbone_fwd: nn.Module) -> None:
+        """Run the backbone as `backbone_fwd` (e.g. torch.compile(backbone)); held, not registered."""
+        object.__setattr__(self, "backbone_fwd", backbone_fwd)
 
     def forward(self, x, t, cond, w=None):
         # w is ignored: a LoRA changes existing layers only and cannot add an ω input (the student is a plain SD1.5
         # LoRA); it learns one guidance-distilled model across the teacher's ω range.
-        with self.adapters.active(self.backbone):
-            return self.backbone(x, t, cond)
+        with use_adapters(self.backbone, self.name):
+            return self.backbone_fwd(x, t, cond)
 
 
 def _delta_shape(lora: LoRA) -> tuple:
@@ -187,18 +187,118 @@ def _delta_shape(lora: LoRA) -> tuple:
     return (lora.up.weight.shape[0], *lora.down.weight.shape[1:])
 
 
-def _add_delta(lora: LoRA):
-    """A forward hook adding the LoRA delta of the module's input to its output."""
-    def hook(module, inputs, out):
-        return out + lora(inputs[0].to(lora.down.weight.dtype)).to(out.dtype)
-    return hook
+# ---- adapters in the UNet's layers: named sets, one switched on at a time -------------------------------------------
+
+class Adapted:
+    """What an adapted nn.Linear / nn.Conv2d of the UNet becomes (`attach` swaps its class in place, so its own
+    weight and bias, their state-dict keys and every reference to the layer stay as they were). It holds named
+    LoRA sets in `lora_sets` (a plain dict: the LoRAs are registered in their owner, a LoRAStudent or the
+    Discriminator, so the UNet's parameters, state dict and dtype casts are the plain UNet's) and `active`, the name
+    of the set that is on ("" = none). `active` is an ordinary attribute read by the forward: torch.compile guards
+    on it (one graph per set), and UNet._run hands it to activation checkpointing's recomputation."""
+
+    lora_sets: dict
+    active: str
+
+    def forward(self, x):
+        out = super().forward(x)
+        if not self.active:
+            return out
+        lora = self.lora_sets[self.active]
+        return out + lora(x.to(lora.down.weight.dtype)).to(out.dtype)
+
+
+class AdaptedLinear(Adapted, nn.Linear):
+    pass
+
+
+class AdaptedConv2d(Adapted, nn.Conv2d):
+    pass
+
+
+ADAPTED = {nn.Linear: AdaptedLinear, nn.Conv2d: AdaptedConv2d}
+
+
+def attach(unet: nn.Module, name: str, adapters: Adapters) -> None:
+    """Give each layer of `unet` that `adapters` names the LoRA set `name` (off until `use_adapters` selects it);
+    a set attached again under the same name replaces it. ValueError if an adapter does not fit its layer."""
+    unet = getattr(unet, "_orig_mod", unet)
+    layers = dict(unet.named_modules())
+    adapters.check_fits(layers)
+    if not name:
+        raise ValueError("attach: an adapter set needs a non-empty name.")
+    for key, lora in adapters.items():
+        layer = layers[path_of(key)]
+        if not isinstance(layer, Adapted):
+            layer.__class__ = ADAPTED[type(layer)]
+            layer.lora_sets, layer.active = {}, ""
+        layer.lora_sets[name] = lora
+
+
+def detach(unet: nn.Module) -> None:
+    """Remove every adapter set from `unet`: its adapted layers are plain nn.Linear / nn.Conv2d again."""
+    for layer in adapted_layers(unet):
+        layer.__class__ = next(plain for plain, adapted in ADAPTED.items() if isinstance(layer, adapted))
+        del layer.lora_sets, layer.active
+
+
+def adapted_layers(unet: nn.Module) -> list:
+    """The layers of `unet` that hold adapter sets, in module order."""
+    return [m for m in getattr(unet, "_orig_mod", unet).modules() if isinstance(m, Adapted)]
+
+
+def select(layers: list, names) -> None:
+    """Switch on names[i] in layers[i] (a str switches that set on everywhere; "" switches every set off)."""
+    names = [names] * len(layers) if isinstance(names, str) else names
+    for layer, name in zip(layers, names):
+        if name and name not in layer.lora_sets:
+            continue  # a set covers only its own layers (D's: the decoder's Linears); the others stay plain
+        layer.active = name
+
+
+@contextmanager
+def use_adapters(unet: nn.Module, name: str):
+    """Within this block the adapter set `name` is on in every layer that has it (every other layer computes the
+    plain UNet); on exit the previous selection is back. name "" = the plain UNet."""
+    layers = adapted_layers(unet)
+    previous = [layer.active for layer in layers]
+    select(layers, "")
+    select(layers, name)
+    try:
+        yield
+    finally:
+        select(layers, previous)
+
+
+def recompute_context(unet: nn.Module):
+    """For torch.utils.checkpoint's context_fn: (a no-op for the forward, a context for the recomputation in
+    backward that switches on the adapters this forward ran with), so a recomputed block is the block that ran."""
+    layers = adapted_layers(unet)
+    names = [layer.active for layer in layers]
+
+    @contextmanager
+    def as_in_forward():
+        previous = [layer.active for layer in layers]
+        select(layers, names)
+        try:
+            yield
+        finally:
+            select(layers, previous)
+    return nullcontext(), as_in_forward()
+
+
+def base_parameters(unet: nn.Module) -> list:
+    """The UNet's own parameters: its .parameters() (attached adapters are registered in their owners only)."""
+    return list(getattr(unet, "_orig_mod", unet).parameters())
 
 
 @torch.no_grad()
 def merge(adapters: Adapters, unet: nn.Module) -> nn.Module:
     """A copy of `unet` with every delta folded into its weight (W + (α / r) · up ⊗ down, summed in float64 and
-    stored in W's dtype): it computes what `unet` computes inside `adapters.active(unet)`, without hooks."""
+    stored in W's dtype): it computes what `unet` computes with `adapters` switched on, as a plain UNet (the copy
+    has no adapter sets attached)."""
     merged = copy.deepcopy(getattr(unet, "_orig_mod", unet))
+    detach(merged)
     layers = dict(merged.named_modules())
     adapters.check_fits(layers)
     for key, lora in adapters.items():

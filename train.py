@@ -21,9 +21,11 @@ loop); what lives in --out (checkpoints, resume, recovery) is run_folder.py. One
 then an AdamW step of the student, a hinge step of D on real z0 vs the detached fake, and the EMA update.
 Three UNets are alive: the student (fp32 weights, trained), its EMA target (fp32, frozen) and the teacher (frozen;
 bf16 on GPU), which also serves as D's backbone with D's LoRA delta switched on. With --student-lora-rank R
-(SCott-LoRA, docs/lora.md) only the teacher is: the student is LCM-LoRA's rank-R adapters switched on over it,
-the target an EMA copy of those adapters; the student has no ω input (the teacher's ω is still drawn per sample,
-by default from LCM-LoRA's [3, 15]), checkpoints hold the two adapters files, and export.py --to lora ships them.
+(SCott-LoRA, docs/lora.md) only the teacher is: the student is LCM-LoRA's rank-R adapters, a named set in the
+teacher's layers switched on for the student's passes (lora.attach / use_adapters; no hooks, so --compile and
+--grad-checkpointing apply), the target an EMA copy of those adapters (a second set); the student has no ω input
+(the teacher's ω is still drawn per sample, by default from LCM-LoRA's [3, 15]), checkpoints hold the two adapters
+files, and export.py --to lora ships them.
 """
 import argparse
 import copy
@@ -125,15 +127,6 @@ class TrainConfig:
         check_settings(self)
         if self.fp16:
             self.bf16 = False  # one autocast dtype: --fp16 replaces the bf16 default
-        # The LoRA student's adapters are forward hooks on the teacher, present only while the student runs.
-        if self.student_lora_rank and self.grad_checkpointing:
-            raise ValueError("--grad-checkpointing does not combine with --student-lora-rank: the adapters are "
-                             "hooked in only during the student's forward, so a recomputation in backward would run "
-                             "the plain teacher.")
-        if self.student_lora_rank and self.compile:
-            raise ValueError("--compile does not combine with --student-lora-rank: a compiled UNet does not see "
-                             "forward hooks added after it was compiled (torch._dynamo skips hook guards), so the "
-                             "student, its target and the teacher would share one graph.")
 
 
 SD15_SAMPLE_PROMPTS = ["a photo of an astronaut riding a horse on the moon", "a watercolor painting of a fox",
@@ -257,6 +250,7 @@ def build_models(bundle: SD15, cfg: TrainConfig, consistency: ConsistencyConfig,
     frozen_dtype = frozen_dtype if frozen_dtype and device.type == "cuda" else torch.float32
     if cfg.student_lora_rank:
         student, target = make_lora_student(bundle.unet, cfg, consistency)
+        bundle.unet.gradient_checkpointing = cfg.grad_checkpointing  # only passes that record gradients recompute
     else:  # the student records the boundary scalings it is trained with, so every sampler reads them from it
         student, target = (make_student(bundle.unet, consistency.w_embed_dim, consistency.timestep_scaling,
                                         consistency.sigma_data) for _ in range(2))
@@ -273,11 +267,17 @@ def build_models(bundle: SD15, cfg: TrainConfig, consistency: ConsistencyConfig,
     with torch.no_grad():
         uncond = bundle.encode_prompts([""])
     ddp = DDP(student, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else None
-    student_fwd = ddp or student
-    maybe_compile = torch.compile if cfg.compile else (lambda m: m)  # never with a LoRA student (TrainConfig)
+    maybe_compile = torch.compile if cfg.compile else (lambda m: m)
     scalers = (torch.amp.GradScaler(device.type), torch.amp.GradScaler(device.type)) if cfg.fp16 else None
+    teacher_fwd = maybe_compile(teacher)
+    if cfg.student_lora_rank:  # one compiled UNet; each LoRAStudent selects its set outside it (Dynamo guards on it)
+        student.call_through(teacher_fwd)
+        target.call_through(teacher_fwd)
+        student_fwd, target_fwd = ddp or student, target
+    else:
+        student_fwd, target_fwd = maybe_compile(ddp or student), maybe_compile(target)
     return Models(bundle, student, target, teacher, disc, NoiseSchedule(bundle.alphas_cumprod.to(device)), uncond,
-                  maybe_compile(student_fwd), maybe_compile(target), maybe_compile(teacher), ddp, scalers)
+                  student_fwd, target_fwd, teacher_fwd, ddp, scalers)
 
 
 def make_lora_student(teacher: torch.nn.Module, cfg: TrainConfig, consistency: ConsistencyConfig):
@@ -286,7 +286,8 @@ def make_lora_student(teacher: torch.nn.Module, cfg: TrainConfig, consistency: C
     lora_cfg = LoRAConfig(rank=cfg.student_lora_rank, alpha=cfg.student_lora_alpha or float(cfg.student_lora_rank))
     adapters = Adapters.for_config(teacher, lora_cfg)
     scalings = dict(timestep_scaling=consistency.timestep_scaling, sigma_data=consistency.sigma_data)
-    return LoRAStudent(teacher, adapters, **scalings), LoRAStudent(teacher, copy.deepcopy(adapters), **scalings)
+    return (LoRAStudent(teacher, adapters, "student", **scalings),
+            LoRAStudent(teacher, copy.deepcopy(adapters), "target", **scalings))
 
 
 def build_optimizers(models: Models, cfg: TrainConfig, device):

@@ -254,7 +254,7 @@ class ResnetBlock(nn.Module):
 
 class Attention(nn.Module):
     """Multi-head attention from tokens x to `context` (x itself for self-attention), via PyTorch's SDPA kernel.
-    Plain Linear projections, so adapters (LoRA in discriminator.py) can hook them. A self-attention can fuse its
+    Plain Linear projections, so LoRA adapters (lora.attach) can adapt them. A self-attention can fuse its
     three projections into one (`fuse_qkv`, an inference switch: one (3C, C) matrix product instead of three)."""
 
     def __init__(self, dim: int, context_dim: int, heads: int):
@@ -478,7 +478,7 @@ class MidBlock(nn.Module):
 
 class UNet(nn.Module):
     """ε(x_t, t, text[, ω]). Set `gradient_checkpointing = True` to recompute each block's activations in backward
-    (training only; saves most activation memory for ~30 % more compute)."""
+    (whenever gradients are recorded; saves most activation memory for ~30 % more compute)."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -503,9 +503,10 @@ class UNet(nn.Module):
         self.conv_norm_out = nn.GroupNorm(config.norm_groups, ch[0], eps=1e-5)
         self.conv_out = nn.Conv2d(ch[0], config.out_channels, 3, padding=1)
 
-    def forward(self, x, t, context, w=None):
+    def forward(self, x, t, context, w=None, decoder_features=False):
         """ε for latents x (B, C, H, W) at timesteps t (B,) (ints or floats; a scalar is broadcast), text tokens
-        context (B, L, cross_attention_dim), and for a student the guidance scale ω per sample w (B,)."""
+        context (B, L, cross_attention_dim), and for a student the guidance scale ω per sample w (B,).
+        `decoder_features`: return the last decoder feature map (B, C0, H, W) instead (what D's head reads)."""
         if (w is None) != (self.config.guidance_embed_dim == 0):
             raise ValueError("UNet: pass w (the guidance scale ω, shape (B,)) exactly when the UNet has an ω input; "
                              f"this one has guidance_embed_dim={self.config.guidance_embed_dim} and w was "
@@ -528,6 +529,8 @@ class UNet(nn.Module):
             block_skips = [skips.pop() for _ in range(n)]  # the top n skips of the stack, most recent first
             out_size = skips[-1].shape[-2:] if skips else None  # the next level up's resolution
             x = self._run(block, x, block_skips, temb, context, out_size)
+        if decoder_features:
+            return x
         return self.conv_out(F.silu(self.conv_norm_out(x)))
 
     def fuse_qkv(self) -> "UNet":
@@ -540,8 +543,13 @@ class UNet(nn.Module):
         return self
 
     def _run(self, block, *args):
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            if torch.compiler.is_compiling():  # the recomputation replays the traced graph
+                return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+            # Eager: backward re-runs the block's Python, so it must see the LoRA set (lora.py) this forward ran with.
+            from lora import recompute_context  # lora.py imports this file
+            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False,
+                                                     context_fn=lambda: recompute_context(self))
         return block(*args)
 
 

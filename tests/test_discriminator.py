@@ -3,7 +3,9 @@ import copy
 
 import torch
 
-from discriminator import Discriminator, DiscriminatorConfig, d_hinge_loss, g_hinge_loss
+from lora import use_adapters
+
+from discriminator import DISC_ADAPTERS, Discriminator, DiscriminatorConfig, d_hinge_loss, g_hinge_loss
 from unet import UNet, UNetConfig, make_student
 
 
@@ -25,12 +27,13 @@ def test_lora_is_a_switchable_delta_on_the_teacher():
     teacher, disc, x, ctx = setup()
     t = torch.tensor([10, 500])
     before = teacher(x, t, ctx)
-    features = []
-    with disc.active(teacher, features):
+    with use_adapters(teacher, DISC_ADAPTERS):
         during = teacher(x, t, ctx)
+        features = teacher(x, t, ctx, decoder_features=True)
     assert not torch.allclose(before, during)  # the adapters change the decoder ...
-    assert torch.equal(teacher(x, t, ctx), before)  # ... and only while active: the teacher is the teacher again
-    assert features and features[-1].shape[-2:] == x.shape[-2:]
+    assert torch.equal(teacher(x, t, ctx), before)  # ... and only while on: the teacher is the teacher again
+    assert features.shape[-2:] == x.shape[-2:] and not any(m._forward_hooks for m in teacher.modules())
+    torch.testing.assert_close(disc(teacher, x, t, ctx), disc.head(features))  # the head reads those features
     assert not any(name.startswith("backbone") for name, _ in disc.named_parameters())  # no second UNet inside D
 
 

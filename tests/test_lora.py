@@ -1,5 +1,5 @@
-"""LoRA adapters on one shared UNet: a switchable delta that is exactly zero at start and only on inside its block,
-merging equal to the hooks, EMA on adapters, our adapters file, and kohya files that diffusers' own kohya
+"""LoRA adapters on one shared UNet: a switchable delta (a named set in the UNet's layers) that is exactly zero at
+start and only on inside its block, also through torch.compile, merging equal to the adapted forward, EMA on adapters, our adapters file, and kohya files that diffusers' own kohya
 conversion reads key for key and that diffusers' load_lora_weights (peft) applies to the teacher or to a fine-tune of
 it with the output our student gives;
 export.py --to lora and sample.py --lora end to end; clear errors for files that are not (SD1.x) LoRAs."""
@@ -18,8 +18,8 @@ import export
 import sample
 from checkpoint import CheckpointError
 from consistency import ema_update
-from lora import (LCM_LORA_TARGETS, Adapters, LoRAConfig, kohya_state_dict, load_adapters, load_kohya, merge,
-                  save_adapters, save_kohya)
+from lora import (LCM_LORA_TARGETS, Adapters, LoRAConfig, adapted_layers, attach, kohya_state_dict, load_adapters,
+                  load_kohya, merge, save_adapters, save_kohya, use_adapters)
 from sd15 import load_sd15
 from sde_solver import NoiseSchedule
 from tiny_models import write_tiny_sd15
@@ -51,7 +51,17 @@ def setup(rank=4, alpha=8.0):
 
 
 def no_hooks(unet) -> bool:
-    return all(not m._forward_hooks for m in unet.modules())
+    return all(not m._forward_hooks and not m._forward_pre_hooks for m in unet.modules())
+
+
+def active(adapters: Adapters, unet, name="lora"):
+    """Attach `adapters` to `unet` as the set `name` and switch it on for a `with` block."""
+    attach(unet, name, adapters)
+    return use_adapters(unet, name)
+
+
+def all_off(unet) -> bool:
+    return all(layer.active == "" for layer in adapted_layers(unet))
 
 
 # ---- the switchable delta -----------------------------------------------------------------------------------------
@@ -75,7 +85,7 @@ def test_zero_up_is_exactly_the_teacher():
     adapters = Adapters.for_config(teacher, LoRAConfig(rank=4))
     x, t, ctx = inputs()
     plain = teacher(x, t, ctx)
-    with adapters.active(teacher):
+    with active(adapters, teacher):
         assert torch.equal(teacher(x, t, ctx), plain)
 
 
@@ -83,24 +93,28 @@ def test_delta_is_on_only_inside_the_block():
     teacher, adapters = setup()
     x, t, ctx = inputs()
     before = teacher(x, t, ctx)
-    with adapters.active(teacher):
+    with active(adapters, teacher):
         during = teacher(x, t, ctx)
     assert (during - before).abs().max() > 1e-3
-    assert torch.equal(teacher(x, t, ctx), before) and no_hooks(teacher)
-    with pytest.raises(RuntimeError, match="boom"), adapters.active(teacher):
+    assert torch.equal(teacher(x, t, ctx), before) and no_hooks(teacher) and all_off(teacher)
+    assert len(adapted_layers(teacher)) == len(adapters)
+    assert teacher.state_dict().keys() == UNet(TINY).state_dict().keys()  # the UNet's own keys, no adapter keys
+    with pytest.raises(RuntimeError, match="boom"), use_adapters(teacher, "lora"):
         raise RuntimeError("boom")
-    assert no_hooks(teacher)  # removed on an exception too
+    assert all_off(teacher)  # switched off on an exception too
 
 
-def test_a_compiled_backbone_gets_the_same_delta():
+def test_a_compiled_backbone_gets_the_same_delta_and_the_plain_unet_without_it():
     teacher, adapters = setup()
     x, t, ctx = inputs()
-    with adapters.active(teacher):
+    plain = teacher(x, t, ctx)
+    with active(adapters, teacher):
         eager = teacher(x, t, ctx)
     compiled = torch.compile(teacher, backend="eager")
-    with adapters.active(compiled):
+    with use_adapters(compiled, "lora"):
         out = compiled(x, t, ctx)
     torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(compiled(x, t, ctx), plain)  # Dynamo guards on the selection: the set is off again
     assert no_hooks(teacher)
 
 
@@ -108,17 +122,18 @@ def test_merge_equals_hooks_and_leaves_the_unet_alone():
     teacher, adapters = setup()
     x, t, ctx = inputs()
     original = copy.deepcopy(teacher.state_dict())
-    with adapters.active(teacher):
-        hooked = teacher(x, t, ctx)
+    with active(adapters, teacher):
+        adapted = teacher(x, t, ctx)
     merged = merge(adapters, teacher)
-    torch.testing.assert_close(merged(x, t, ctx), hooked, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(merged(x, t, ctx), adapted, rtol=1e-5, atol=1e-5)
+    assert not adapted_layers(merged) and adapted_layers(teacher)  # the copy is a plain UNet
     assert all(torch.equal(v, original[k]) for k, v in teacher.state_dict().items())
 
 
 def test_gradients_reach_only_the_adapters_and_ema_update_works_on_them():
     teacher, adapters = setup()
     x, t, ctx = inputs()
-    with adapters.active(teacher):
+    with active(adapters, teacher):
         teacher(x, t, ctx).square().mean().backward()
     assert all(p.grad is not None for p in adapters.parameters())
     assert all(p.grad is None for p in teacher.parameters())
@@ -141,9 +156,9 @@ def test_adapters_file_round_trip_and_wrong_architecture(tmp_path):
                             cross_attention_dim=32))  # the same module paths, other shapes
     with pytest.raises(CheckpointError, match="does not fit"):
         load_adapters(tmp_path / "adapters.safetensors", other)
-    with pytest.raises(ValueError, match="another architecture"), adapters.active(other):
-        pass  # refused before any hook is placed ...
-    assert no_hooks(other)
+    with pytest.raises(ValueError, match="another architecture"):
+        attach(other, "lora", adapters)  # refused before any layer is adapted ...
+    assert not adapted_layers(other)
     with pytest.raises(ValueError, match="another architecture"):
         merge(adapters, other)  # ... and before any weight is changed
     save_kohya(adapters, tmp_path / "kohya.safetensors")
@@ -209,7 +224,7 @@ def test_kohya_file_in_diffusers_load_lora_weights_gives_our_student(tmp_path):
     save_kohya(adapters, tmp_path / "lora.safetensors", dtype=torch.float32)
     theirs = load_lora_weights_output(teacher, tmp_path / "lora.safetensors", tmp_path)
     x, t, ctx = inputs()
-    with torch.no_grad(), adapters.active(teacher):
+    with torch.no_grad(), active(adapters, teacher):
         ours = teacher(x, t, ctx)
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
     assert (ours - teacher(x, t, ctx)).abs().max() > 1e-3  # the LoRA does change the output

@@ -8,6 +8,7 @@ from PIL import Image
 import torch
 
 import train
+from lora import adapted_layers
 from consistency import ConsistencyConfig, boundary_scalings, scott_loss
 from discriminator import Discriminator, DiscriminatorConfig, g_hinge_loss
 from sd15 import load_sd15
@@ -115,8 +116,9 @@ def test_the_teacher_never_changes(tiny_model):
         assert train.train_step(models, opt, d_opt, micro_batches(models, seed=seed), cfg, consistency, True,
                                 generator, NO_AUTOCAST).applied
     assert all(torch.equal(v, teacher_before[k]) for k, v in models.teacher.state_dict().items())
-    # and outside D's block the teacher computes the plain teacher (no LoRA hook left behind)
+    # and outside D's block the teacher computes the plain teacher (no LoRA set left switched on)
     assert not any(m._forward_hooks for m in models.teacher.modules())
+    assert adapted_layers(models.teacher) and all(m.active == "" for m in adapted_layers(models.teacher))
 
 
 def test_one_scott_step_as_the_readme_writes_it(tiny_model):

@@ -6,7 +6,7 @@
 
 Checks (SD1.5 shapes use random weights; the trainer checks run the shipped toy model through train.py):
   precision   our bf16 UNet vs our fp32 vs diffusers' bf16 on the same weights (fp32 without TF32 as reference)
-  compile     train_step compiled vs eager, D's LoRA hooks active on the compiled teacher: same losses and weights
+  compile     train_step compiled vs eager, D's LoRA set on the compiled teacher: same losses and weights
   torchrun    `torchrun --nproc_per_node=N train.py` (NCCL on GPU) trains a few steps with the replica check on,
               N = 1 and, on a machine with ≥ 2 GPUs, 2
   resume      a run stopped and resumed (--deterministic) ends bit-identical to a straight run
