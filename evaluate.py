@@ -301,7 +301,7 @@ def main(argv=None):
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim", help="teacher sampler")
     p.add_argument("--guidance", type=float, default=3.0, help="ω, classifier-free guidance scale")
     p.add_argument("--n-per-prompt", type=int, default=8, help="samples per toy prompt (480 prompts)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the first sample; sample i uses seed + i (default 0)")
     p.add_argument("--json", default="", help='also write the rows here as JSON ([{"name", "steps", "scores"}, ...])')
     args = p.parse_args(argv)
     if not args.student and not args.teacher_steps:

@@ -40,6 +40,7 @@ def image_noise(seeds) -> NoiseSampler:
     return draw
 
 
+@torch.no_grad()
 def generate(bundle, unet, schedule, prompts, steps, guidance, height, width, seed=0, n=1, teacher_eta=None,
              decode=None):
     """(images (len(prompts)·n, 3, H, W) in [0, 1], {stage: seconds}). `unet` is a student (consistency sampling on
@@ -287,7 +288,7 @@ def prepare_for_speed(args, unet, vae, device):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--prompt", action="append", default=[], help="repeatable")
+    p.add_argument("--prompt", action="append", default=[], help="the text to draw; repeat the flag for several")
     p.add_argument("--prompts-file", help="one prompt per line")
     p.add_argument("--model", default="", help="SD1.5 diffusers folder or single file (default: the toy model)")
     p.add_argument("--tokenizer", default="", help="tokenizer folder, needed with a single-file --model")
@@ -299,10 +300,10 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=None, help="1–8 for a student (default 2); any for --teacher (50)")
     p.add_argument("--guidance", type=float, default=None,
                    help="ω (CFG scale; default 7.5, or the model folder's own: 3 for the toy)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="image i is drawn from seed + i alone (default 0)")
     p.add_argument("--n", type=int, default=1, help="images per prompt")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--height", type=int, default=None, help="image height in px (default: the model's own)")
+    p.add_argument("--width", type=int, default=None, help="image width in px (default: the model's own)")
     p.add_argument("--out", default="sample.png", help="the PNG to write")
     add_speed_arguments(p)
     args = p.parse_args(argv)
@@ -340,10 +341,9 @@ def main(argv=None):
     no_cfg = not args.teacher and not unet.config.guidance_embed_dim  # a LoRA student: no ω input, no CFG pass
     if no_cfg and args.guidance is not None:
         print(f"note: --guidance {args.guidance} is ignored: {label} has no ω input and is sampled without CFG.")
-    with torch.no_grad():
-        images, timings = generate(bundle, unet, NoiseSchedule(bundle.alphas_cumprod.to(device)), prompts, steps,
-                                   guidance, args.height or size, args.width or size, args.seed, args.n,
-                                   teacher_eta=args.eta if args.teacher else None, decode=decode)
+    images, timings = generate(bundle, unet, NoiseSchedule(bundle.alphas_cumprod.to(device)), prompts, steps,
+                               guidance, args.height or size, args.width or size, args.seed, args.n,
+                               teacher_eta=args.eta if args.teacher else None, decode=decode)
     print(" | ".join(f"{k} {v * 1000:.1f} ms" for k, v in timings.items()))
     if not torch.isfinite(images).all():
         raise SystemExit(f"{label}: the images hold non-finite pixels (NaN/Inf), so {args.out} was not written. "

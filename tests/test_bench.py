@@ -37,8 +37,15 @@ def test_bench_counts_unet_flops_not_assumes_them():
     assert one > 0 and two == 2 * one
 
 
+def test_rows_lora_is_only_the_lora_steps():
+    labels = lambda rows: [row[0] for row in bench.step_settings(bench.parse_args(["--rows", rows]))]  # noqa: E731
+    assert [label.split(" (")[0] for label in labels("lora")] == [f"SCott-LoRA step {m}" for m in bench.LORA_MODES]
+    assert labels("step")[:2] == ["SCott step (h=3, η=0.3, CFG, EMA, D)", "LCM-style step (η=0, h=1, CFG, EMA)"]
+    assert labels("step")[2:] == labels("lora")
+
+
 def test_bench_and_gpu_check_refuse_bad_flags(capsys):
-    for argv in (["--sdpa", "fastest"], ["--rows", "unet,speed"]):
+    for argv in (["--sdpa", "fastest"], ["--rows", "unet,speed"], ["--repeats", "0"]):
         with pytest.raises(SystemExit):
             bench.parse_args(argv)
     with pytest.raises(SystemExit):

@@ -177,8 +177,8 @@ def test_a_killed_export_leaves_one_complete_output_after_the_next_run(work, tmp
 
 def tiny_models():
     student = UNet(UNetConfig.tiny())
-    return SimpleNamespace(student=student, target=UNet(UNetConfig.tiny()), disc=None), torch.optim.AdamW(
-        student.parameters())
+    models = SimpleNamespace(student=student, target=UNet(UNetConfig.tiny()), disc=None, scalers=None)
+    return models, torch.optim.AdamW(student.parameters())
 
 
 @pytest.mark.parametrize("again", [False, True], ids=["next-step", "same-step"])

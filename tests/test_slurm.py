@@ -13,8 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "configs" / "slurm" / "train.sbatch"
 
 SRUN = """#!/bin/bash
-echo "$@" >> "$LOG/srun"
 trap 'echo TERM >> "$LOG/srun-signals"; exit 143' TERM
+echo "$@" >> "$LOG/srun"
 if [ -n "${SRUN_SLEEP:-}" ]; then for i in $(seq 200); do sleep 0.05; done; fi
 """
 SCONTROL = """#!/bin/bash

@@ -73,7 +73,8 @@ def test_torchrun_with_no_model_distils_the_shipped_toy_teacher(tmp_path):
     out = tmp_path / "run"
     result = torchrun_two_processes("--out", str(out), "--steps", "2", "--log-every", "1", "--sample-every", "0",
                                     "--check-sync-every", "1")
-    assert "(toy world)" in result.stdout and "w∈[2.0, 6.0]" in result.stdout  # the toy defaults were applied
+    assert f"model {TOY_FOLDER}," in result.stdout  # no --model: the shipped toy model
+    assert "w∈[2.0, 6.0]" in result.stdout  # its scott.toml's [train] defaults were applied
     assert "global batch 16 = micro-batch 8 × accumulation 1 × world 2" in result.stdout
     assert [r["step"] for r in read_log(out)] == [1, 2]
     student = out / (out / "latest").read_text() / "student"

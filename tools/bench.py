@@ -37,6 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextConfig, CLIPTextModel
 
 import train
+from config import add_arguments, check_settings, setting
 from consistency import ConsistencyConfig
 from discriminator import DiscriminatorConfig
 from sample import generate, prepare_sampler
@@ -54,34 +55,43 @@ except ImportError:  # tools/bench.py runs without it: diffusers' rows are then 
 SWITCHES = ("compile", "cuda_graphs", "channels_last", "fuse_qkv", "bf16_decode")
 SDPA_BACKENDS = {"auto": None, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                  "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+# the SCott-LoRA step rows: each mode's train.py settings
+LORA_MODES = {"eager": {}, "checkpointed": {"grad_checkpointing": True}, "compiled": {"compile": True}}
 
 
 @dataclass
 class BenchConfig:
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    tiny: bool = False           # tiny shapes (CI on CPU); otherwise SD1.5's
-    rows: str = "unet,step,sample"
-    bf16: bool = True            # bf16 weights for forward-only rows, bf16 autocast for the step (GPU only)
-    channels_last: bool = False
-    sdpa: str = "auto"           # attention kernel: auto, flash, efficient, cudnn, math
-    compile: bool = False        # torch.compile the UNets (ours and diffusers' alike)
-    cuda_graphs: bool = False    # sampling: compile the UNet with mode="reduce-overhead" (CUDA graphs)
-    compile_backend: str = "inductor"  # torch.compile's backend ("eager": Dynamo tracing only, for quick CPU runs)
-    variants: str = "base"       # unet/sample rows: our UNet once per variant, each "+"-joined switches on top of
-                                 # the flags above (compile, cuda_graphs, channels_last, fuse_qkv, bf16_decode)
-    sample_px: int = 0           # sample rows: image side in px (0 = the model's own, 512 for SD1.5)
-    sample_batches: str = "1,8"  # sample rows: batch sizes
-    lora_modes: str = "eager,checkpointed,compiled"  # SCott-LoRA step rows (unsupported ones say so)
-    suite: bool = False          # every GPU question in one run (tools/gpu_run.sh): bench rows with each switch on
-                                 # and off, then tools.gpu_check; tables into --docs between markers
-    docs: str = ""               # with --suite: the markdown file whose marked section is regenerated
-    budget_s: int = 540          # with --suite: items not started within this many seconds are listed as not run
-    impls: str = "ours,diffusers"
-    shapes: str = "1x512,8x512,32x512,1x1024"  # unet rows: batch x image size in px (latents are 8× smaller)
-    micro_batch: int = 10        # the step rows (paper: 10 per GPU)
-    warmup: int = 3
-    repeats: int = 10
-    out: str = "runs/bench"
+    device: str = setting("cuda" if torch.cuda.is_available() else "cpu", "where to run: cuda, cuda:N or cpu")
+    tiny: bool = setting(False, "tiny random shapes (a CPU dry run, as CI does); otherwise SD1.5's")
+    rows: str = setting("unet,step,sample", "comma-separated rows to measure: unet (forward), step (the training "
+                        "steps, SCott-LoRA's included), lora (only the SCott-LoRA steps), sample (2-step generation)")
+    bf16: bool = setting(True, "bf16 weights for the forward-only rows, bf16 autocast for the step (GPU only)")
+    channels_last: bool = setting(False, "channels_last memory format for the UNets")
+    sdpa: str = setting("auto", "attention kernel", choices=SDPA_BACKENDS)
+    compile: bool = setting(False, "torch.compile the UNets (ours and diffusers' alike)")
+    cuda_graphs: bool = setting(False, "sample rows: compile the UNet with mode reduce-overhead (CUDA graphs)")
+    compile_backend: str = setting("inductor", "torch.compile's backend (eager: Dynamo tracing only, quick on CPU)")
+    variants: str = setting("base", "unet/sample rows: our UNet once per comma-separated variant, each a "
+                            "+-joined set of switches on top of the flags (compile, cuda_graphs, channels_last, "
+                            "fuse_qkv, bf16_decode)")
+    sample_px: int = setting(0, "sample rows: image side in px (0: the model's own, 512 for SD1.5)", at_least=0)
+    sample_batches: str = setting("1,8", "sample rows: comma-separated batch sizes")
+    lora_modes: str = setting(",".join(LORA_MODES), "SCott-LoRA step rows (unsupported ones say so)")
+    suite: bool = setting(False, "every GPU question in one run (tools/gpu_run.sh): the rows with each switch on "
+                          "and off, then tools.gpu_check; the tables go into --docs between markers")
+    docs: str = setting("", "with --suite: the markdown file whose marked section is regenerated")
+    budget_s: int = setting(540, "with --suite: items not started within this many seconds are listed as not run",
+                            at_least=1)
+    impls: str = setting("ours,diffusers", "comma-separated implementations to time side by side")
+    shapes: str = setting("1x512,8x512,32x512,1x1024", "unet rows: BATCHxPX, comma-separated (latents are 8× "
+                          "smaller)")
+    micro_batch: int = setting(10, "the step rows' micro-batch (paper: 10 per GPU)", at_least=1)
+    warmup: int = setting(3, "untimed runs before timing", at_least=0)
+    repeats: int = setting(10, "timed runs; the median is reported", at_least=1)
+    out: str = setting("runs/bench", "folder for bench.md and bench.json")
+
+    def __post_init__(self):
+        check_settings(self)
 
 
 # ---- measuring ---------------------------------------------------------------------------------------------------
@@ -267,17 +277,15 @@ def unet_rows(folder: Path, cfg: BenchConfig, peak: float | None) -> list[dict]:
     return rows
 
 
-LORA_MODES = {"eager": {}, "checkpointed": {"grad_checkpointing": True}, "compiled": {"compile": True}}
-
-
 def step_settings(cfg: BenchConfig) -> list:
     """(label, consistency config, λ_adv, LoRA rank, extra TrainConfig settings) of each step row."""
     # η = 0.3, the setting docs/performance.md was measured with (the default is 0.1); η does not change the cost.
     lora = ConsistencyConfig(eta=0.3, w_min=3.0, w_max=15.0)
-    return [("SCott step (h=3, η=0.3, CFG, EMA, D)", ConsistencyConfig(eta=0.3), 0.4, 0, {}),
-            ("LCM-style step (η=0, h=1, CFG, EMA)", ConsistencyConfig(eta=0.0, substeps=1), 0.0, 0, {}),
-            *[(f"SCott-LoRA step {mode} (rank 64, h=3, η=0.3, CFG, EMA, D)", lora, 0.4, 64,
-               {"compile": False, **LORA_MODES[mode]}) for mode in cfg.lora_modes.split(",")]]
+    full = [("SCott step (h=3, η=0.3, CFG, EMA, D)", ConsistencyConfig(eta=0.3), 0.4, 0, {}),
+            ("LCM-style step (η=0, h=1, CFG, EMA)", ConsistencyConfig(eta=0.0, substeps=1), 0.0, 0, {})]
+    lora_rows = [(f"SCott-LoRA step {mode} (rank 64, h=3, η=0.3, CFG, EMA, D)", lora, 0.4, 64,
+                  {"compile": False, **LORA_MODES[mode]}) for mode in cfg.lora_modes.split(",")]
+    return (full if "step" in cfg.rows.split(",") else []) + lora_rows
 
 
 def step_rows(folder: Path, cfg: BenchConfig, peak: float | None) -> list[dict]:
@@ -325,8 +333,8 @@ def step_row(folder, cfg: BenchConfig, tcfg, consistency, impl, shape, autocast,
     g = torch.Generator(device).manual_seed(0)
     z0 = torch.randn(cfg.micro_batch, 4, size, size, device=device, generator=g)  # (B, 4, 64, 64) latents
     c = torch.randn(cfg.micro_batch, 77, width, device=device, generator=g)       # (B, 77, 768) CLIP features
-    step = lambda: train.train_step(models, opt, d_opt, [(z0, c)], tcfg, consistency, False, g,  # noqa: E731
-                                    autocast)
+    batches = [train.MicroBatch(z0, c)]
+    step = lambda: train.train_step(models, opt, d_opt, batches, tcfg, consistency, False, g, autocast)  # noqa: E731
     flops = count_flops(step)
     return row("training step", impl, shape, flops, measure(step, cfg), peak)
 
@@ -417,19 +425,14 @@ def environment(device: torch.device, peak: float | None) -> dict:
 
 def parse_args(argv=None) -> BenchConfig:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in dataclasses.fields(BenchConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
-                                help=f"(default {f.default})")
-        else:
-            parser.add_argument(flag, type=type(f.default), default=f.default, help=f"(default {f.default})")
-    cfg = BenchConfig(**vars(parser.parse_args(argv)))
-    if cfg.sdpa not in SDPA_BACKENDS:
-        parser.error(f"--sdpa {cfg.sdpa}: choose one of {sorted(SDPA_BACKENDS)}")
-    unknown = set(cfg.rows.split(",")) - {"unet", "step", "sample"}
+    add_arguments(parser, "settings", BenchConfig)
+    try:
+        cfg = BenchConfig(**{k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None})
+    except ValueError as e:
+        parser.error(str(e))
+    unknown = set(cfg.rows.split(",")) - {"unet", "step", "lora", "sample"}
     if unknown:
-        parser.error(f"--rows: unknown {sorted(unknown)}; choose from unet,step,sample")
+        parser.error(f"--rows: unknown {sorted(unknown)}; choose from unet,step,lora,sample")
     try:
         for variant in cfg.variants.split(","):
             variant_switches(variant)
@@ -461,8 +464,9 @@ def main(argv=None):
     backend = SDPA_BACKENDS[cfg.sdpa]
     with tempfile.TemporaryDirectory() as tmp, (sdpa_kernel(backend) if backend else nullcontext()):
         folder = write_random_sd15(Path(tmp), cfg.tiny)
-        for name, fn in (("unet", unet_rows), ("step", step_rows), ("sample", sample_rows)):
-            if name in cfg.rows.split(","):
+        for names, name, fn in (({"unet"}, "unet", unet_rows), ({"step", "lora"}, "step", step_rows),
+                                ({"sample"}, "sample", sample_rows)):
+            if names & set(cfg.rows.split(",")):
                 new = fn(folder, cfg, peak)
                 print(markdown(new, f"### {name}"), flush=True)
                 rows += new

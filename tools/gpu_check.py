@@ -35,14 +35,14 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from tools.bench import diffusers, diffusers_unet, write_random_sd15
-from consistency import ConsistencyConfig
+from config import add_arguments, check_settings, setting
+from consistency import ConsistencyConfig, consistency_timesteps
 from discriminator import DiscriminatorConfig
-from consistency import consistency_timesteps
 from sample import consistency_loop, consistency_plan, generate, image_noise, prepare_sampler
 from sd15 import load_sd15
 from sde_solver import NoiseSchedule
 from unet import make_student
+from tools.bench import diffusers, diffusers_unet, write_random_sd15
 from vae import decode_dtype
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository root
@@ -56,10 +56,13 @@ class Unsupported(Exception):
 
 @dataclass
 class CheckConfig:
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    tiny: bool = False      # tiny shapes for the in-process checks (a dry run on CPU)
-    only: str = ",".join(CHECKS)
-    out: str = ""           # keep the runs' folders here (default: a temporary folder)
+    device: str = setting("cuda" if torch.cuda.is_available() else "cpu", "where to run: cuda, cuda:N or cpu")
+    tiny: bool = setting(False, "tiny shapes for the in-process checks (a dry run on CPU)")
+    only: str = setting(",".join(CHECKS), "comma-separated subset of the checks to run")
+    out: str = setting("", "keep the runs' folders here (default: a temporary folder)")
+
+    def __post_init__(self):
+        check_settings(self)
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -326,11 +329,8 @@ CHECK_FUNCTIONS = {"precision": check_precision, "compile": check_compile, "torc
 
 def parse_args(argv=None) -> CheckConfig:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default=CheckConfig.device, help=f"(default {CheckConfig.device})")
-    parser.add_argument("--tiny", action="store_true", help="tiny shapes for the in-process checks (a CPU dry run)")
-    parser.add_argument("--only", default=CheckConfig.only, help=f"comma-separated subset of {','.join(CHECKS)}")
-    parser.add_argument("--out", default="", help="keep the runs' folders here (default: a temporary folder)")
-    cfg = CheckConfig(**vars(parser.parse_args(argv)))
+    add_arguments(parser, "settings", CheckConfig)
+    cfg = CheckConfig(**{k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None})
     unknown = set(cfg.only.split(",")) - set(CHECKS)
     if unknown:
         parser.error(f"--only: unknown checks {sorted(unknown)}; choose from {','.join(CHECKS)}")

@@ -419,9 +419,11 @@ def markdown_table(results: dict, cfg: ExperimentConfig) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--seeds", type=int, default=ExperimentConfig.seeds)
-    p.add_argument("--distill-steps", type=int, default=ExperimentConfig.distill_steps)
-    p.add_argument("--pretrain-steps", type=int, default=ExperimentConfig.pretrain_steps)
+    p.add_argument("--seeds", type=int, default=ExperimentConfig.seeds, help="independent seeds per configuration")
+    p.add_argument("--distill-steps", type=int, default=ExperimentConfig.distill_steps,
+                   help="CD / SCott steps per configuration")
+    p.add_argument("--pretrain-steps", type=int, default=ExperimentConfig.pretrain_steps,
+                   help="ε-regression steps of the student's initialisation")
     p.add_argument("--quick", action="store_true",
                    help="1 seed, 300 steps, η ∈ {0.3, 1}, h ∈ {1, 3}, adversarial SCott at η = 0.3: a smoke run")
     p.add_argument("--adv-weight", type=float, default=ExperimentConfig.adv_weight, help="fixed λ_adv (0: no rows)")
