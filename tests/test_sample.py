@@ -185,6 +185,20 @@ def test_sampling_loop_has_no_host_syncs(tiny):
     assert not calls, calls
 
 
+def test_the_eager_loop_reads_no_tensor_value_on_the_host(tiny, monkeypatch):
+    """Eagerly too (a dead `float(t)` that Dynamo drops from its graph still waits for the GPU when uncompiled): every
+    way a tensor's value reaches Python raises while the loop runs."""
+    bundle, unet = load_sd15(tiny), load_unet(tiny / "student")
+    x, cond, w, plan, _ = start_and_plan(bundle, unet, 2)
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("a tensor's value was read on the host")
+    for name in ("item", "tolist", "numpy", "cpu", "__float__", "__int__", "__bool__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    with torch.no_grad():
+        sample.consistency_loop(unet, x, cond, w, plan)
+
+
 def test_compile_fuse_qkv_and_bf16_decode_from_the_command_line(tmp_path, tiny, monkeypatch, capsys):
     """sample.py --compile --fuse-qkv --decode-dtype bf16 compiles the UNet and the decode with fullgraph=True (here
     with Dynamo's eager backend, so that a graph break fails fast) and writes nearly the default run's image."""
