@@ -80,7 +80,6 @@ def test_gpu_run_suite_dry_run_writes_every_table_between_the_markers(tmp_path, 
     from tools import gpu_check
     checks = []
     monkeypatch.setattr(gpu_check, "CHECKS", ("sampler", "lora_compile"))  # the in-process ones; CI runs the rest
-    monkeypatch.setattr(gpu_check.CheckConfig, "only", "sampler,lora_compile")
     real_main = gpu_check.main
     monkeypatch.setattr(gpu_check, "main", lambda argv: checks.append(argv) or real_main(argv + ["--only",
                                                                                                "sampler,lora_compile"]))

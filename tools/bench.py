@@ -81,7 +81,7 @@ class BenchConfig:
                           "and off, then tools.gpu_check; the tables go into --docs between markers")
     docs: str = setting("", "with --suite: the markdown file whose marked section is regenerated")
     budget_s: int = setting(540, "with --suite: items not started within this many seconds are listed as not run",
-                            at_least=1)
+                            at_least=0)
     impls: str = setting("ours,diffusers", "comma-separated implementations to time side by side")
     shapes: str = setting("1x512,8x512,32x512,1x1024", "unet rows: BATCHxPX, comma-separated (latents are 8× "
                           "smaller)")
