@@ -32,7 +32,6 @@ import copy
 import dataclasses
 import gc
 import json
-import math
 import os
 import signal
 import sys

@@ -12,9 +12,6 @@ import config
 import sample
 import train
 from checkpoint import CheckpointError
-from consistency import ConsistencyConfig
-from data import DataConfig
-from discriminator import DiscriminatorConfig
 from sd15 import TOY_FOLDER, load_sd15
 from tiny_models import SAMPLE_SIZE, write_tiny_sd15_with_student
 from unet import load_unet, save_unet
