@@ -90,6 +90,21 @@ def add_arguments(parser: argparse.ArgumentParser, title: str, cls):
                                help=help_line)
 
 
+def flags_given(parser: argparse.ArgumentParser, argv=None) -> dict:
+    """{setting: value} of the flags given on the command line (add_arguments' flags default to None)."""
+    return {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+
+
+def parse_settings(parser: argparse.ArgumentParser, cls, argv=None):
+    """An instance of the config class `cls` from the command line, a flag per declared setting; a value that breaks
+    its declaration or a cross-field check of cls (a ValueError naming the flag) is a usage error."""
+    add_arguments(parser, "settings", cls)
+    try:
+        return cls(**flags_given(parser, argv))
+    except ValueError as e:
+        parser.error(str(e))
+
+
 MODEL_SETTINGS = "scott.toml"  # a model folder's own defaults: [train] for train.py, [sample] for sample.py
 
 

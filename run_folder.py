@@ -167,13 +167,13 @@ def on_rank_zero(action, *args) -> None:
     """action(*args) on rank 0 only (all of them without torchrun). A SystemExit it raises (a refusal) is raised on
     every rank with the same one-line message: rank 0 broadcasts it before any barrier, so the other ranks exit
     with it rather than crash at their next collective (gloo's "Connection closed by peer")."""
-    message = None
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    message, ranks = None, dist.is_initialized()
+    if not ranks or dist.get_rank() == 0:
         try:
             action(*args)
         except SystemExit as e:
             message = str(e.code) if e.code is not None else "stopped"
-    if dist.is_initialized():
+    if ranks:
         box = [message]
         dist.broadcast_object_list(box, src=0)
         message = box[0]
@@ -185,6 +185,11 @@ def on_rank_zero(action, *args) -> None:
             with open(error_file, "w") as f:
                 json.dump({"message": {"message": message, "extraInfo": {"py_callstack": message,
                                                                          "timestamp": str(int(time.time()))}}}, f)
+        if ranks:
+            # Every rank prints the line at once into one pipe: one write each, so two lines never run together
+            # (SystemExit's own printing writes the text and its newline separately).
+            os.write(2, f"{message}\n".encode())
+            raise SystemExit(1)
         raise SystemExit(message)
 
 

@@ -46,7 +46,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import CheckpointError
-from config import add_arguments, check_settings, declared, model_settings, read_preset, setting
+from config import add_arguments, check_settings, declared, flags_given, model_settings, read_preset, setting
 from consistency import ConsistencyConfig, ema_update, scott_loss
 from data import DataConfig, build_latent_cache, make_loader
 from discriminator import Discriminator, DiscriminatorConfig, d_hinge_loss, g_hinge_loss
@@ -148,7 +148,7 @@ def parse_args(argv=None):
         "model's does); --config FILE presets (configs/*.toml) win over those, and flags given here win over both."))
     for title, cls in CONFIGS.items():
         add_arguments(parser, title, cls)
-    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    given = flags_given(parser, argv)
     fields = declared(CONFIGS.values())
     try:
         preset = read_preset(Path(given["config"]), fields) if given.get("config") else {}

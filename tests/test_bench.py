@@ -45,7 +45,8 @@ def test_rows_lora_is_only_the_lora_steps():
 
 
 def test_bench_and_gpu_check_refuse_bad_flags(capsys):
-    for argv in (["--sdpa", "fastest"], ["--rows", "unet,speed"], ["--repeats", "0"]):
+    for argv in (["--sdpa", "fastest"], ["--rows", "unet,speed"], ["--repeats", "0"], ["--variants", "turbo"],
+                 ["--lora-modes", "eager,fast"], ["--suite"]):
         with pytest.raises(SystemExit):
             bench.parse_args(argv)
     with pytest.raises(SystemExit):

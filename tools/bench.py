@@ -37,7 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextConfig, CLIPTextModel
 
 import train
-from config import add_arguments, check_settings, setting
+from config import check_settings, parse_settings, setting
 from consistency import ConsistencyConfig
 from discriminator import DiscriminatorConfig
 from sample import generate, prepare_sampler
@@ -92,6 +92,15 @@ class BenchConfig:
 
     def __post_init__(self):
         check_settings(self)
+        unknown = set(self.rows.split(",")) - {"unet", "step", "lora", "sample"}
+        if unknown:
+            raise ValueError(f"--rows: unknown {sorted(unknown)}; choose from unet,step,lora,sample")
+        for variant in self.variants.split(","):
+            variant_switches(variant)  # a ValueError naming an unknown switch
+        if set(self.lora_modes.split(",")) - set(LORA_MODES):
+            raise ValueError(f"--lora-modes {self.lora_modes}: choose from {','.join(LORA_MODES)}")
+        if self.suite and not self.docs:
+            raise ValueError("--suite needs --docs FILE: the markdown file whose marked section it regenerates")
 
 
 # ---- measuring ---------------------------------------------------------------------------------------------------
@@ -424,24 +433,7 @@ def environment(device: torch.device, peak: float | None) -> dict:
 
 
 def parse_args(argv=None) -> BenchConfig:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_arguments(parser, "settings", BenchConfig)
-    try:
-        cfg = BenchConfig(**{k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None})
-    except ValueError as e:
-        parser.error(str(e))
-    unknown = set(cfg.rows.split(",")) - {"unet", "step", "lora", "sample"}
-    if unknown:
-        parser.error(f"--rows: unknown {sorted(unknown)}; choose from unet,step,lora,sample")
-    try:
-        for variant in cfg.variants.split(","):
-            variant_switches(variant)
-    except ValueError as e:
-        parser.error(str(e))
-    if set(cfg.lora_modes.split(",")) - set(LORA_MODES):
-        parser.error(f"--lora-modes {cfg.lora_modes}: choose from {','.join(LORA_MODES)}")
-    if cfg.suite and not cfg.docs:
-        parser.error("--suite needs --docs FILE: the markdown file whose marked section it regenerates")
+    cfg = parse_settings(argparse.ArgumentParser(description=__doc__.split("\n")[0]), BenchConfig, argv)
     if cfg.device == "cpu":
         cfg = dataclasses.replace(cfg, bf16=False)  # bf16 timings on CPU say nothing about a GPU
     return cfg

@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from config import add_arguments, check_settings, setting
+from config import check_settings, parse_settings, setting
 from consistency import ConsistencyConfig, consistency_timesteps
 from discriminator import DiscriminatorConfig
 from sample import consistency_loop, consistency_plan, generate, image_noise, prepare_sampler
@@ -63,6 +63,9 @@ class CheckConfig:
 
     def __post_init__(self):
         check_settings(self)
+        unknown = set(self.only.split(",")) - set(CHECKS)
+        if unknown:
+            raise ValueError(f"--only: unknown checks {sorted(unknown)}; choose from {','.join(CHECKS)}")
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -329,11 +332,7 @@ CHECK_FUNCTIONS = {"precision": check_precision, "compile": check_compile, "torc
 
 def parse_args(argv=None) -> CheckConfig:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_arguments(parser, "settings", CheckConfig)
-    cfg = CheckConfig(**{k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None})
-    unknown = set(cfg.only.split(",")) - set(CHECKS)
-    if unknown:
-        parser.error(f"--only: unknown checks {sorted(unknown)}; choose from {','.join(CHECKS)}")
+    cfg = parse_settings(parser, CheckConfig, argv)
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: no GPU is visible (torch.cuda.is_available() is False); use --device cpu --tiny "
                      "for a dry run")
