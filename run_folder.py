@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from checkpoint import CheckpointError, OutputRefused, atomic_write, check_regular_file, clean_leftovers, refuse_overlap
+from checkpoint import (CheckpointError, OutputRefused, atomic_write, check_regular_file, clean_leftovers,
+                        process_alive, refuse_overlap)
 from lora import ADAPTERS_FILE, TARGET_ADAPTERS_FILE, LoRAStudent, read_adapters, save_adapters
 from unet import UNet, load_unet, save_unet
 
@@ -131,6 +132,8 @@ def recover_out(out: Path) -> list[str]:
 
 LOCK_FILE = ".lock"
 _held_locks = {}  # resolved folder -> its open lock file, held until this process ends (the kernel then releases it)
+HOLDER = re.compile(r"pid (\d+) on host (\S+), since ")  # in the line lock_out writes
+NAME_WAIT_S = 2.0  # how long a refused run waits for the holder to write its name
 
 
 def lock_out(out: Path, command: str) -> None:
@@ -142,25 +145,42 @@ def lock_out(out: Path, command: str) -> None:
     if key in _held_locks:
         return
     handle = open(out / LOCK_FILE, "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "a process that has not written its name yet"
-        handle.close()
-        raise SystemExit(f"{out} is in use by another run ({holder}); two writers would mix their outputs. Wait "
-                         f"for it to end (or stop it), or choose another --out.") from None
-    except OSError as e:
-        handle.close()
-        print(f"warning: cannot lock {out / LOCK_FILE} ({e}; a filesystem without locks?): make sure no other run "
-              f"writes to {out}.", file=sys.stderr, flush=True)
-        return
+    deadline = time.monotonic() + NAME_WAIT_S
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            holder = holder_name(handle)
+            if holder is not None or time.monotonic() > deadline:
+                handle.close()
+                holder = holder or "a process that has not written its name yet"
+                raise SystemExit(f"{out} is in use by another run ({holder}); two writers would mix their outputs. "
+                                 f"Wait for it to end (or stop it), or choose another --out.") from None
+            time.sleep(0.05)  # the holder writes its name just after it takes the lock; or it ends, and we take it
+        except OSError as e:
+            handle.close()
+            print(f"warning: cannot lock {out / LOCK_FILE} ({e}; a filesystem without locks?): make sure no other "
+                  f"run writes to {out}.", file=sys.stderr, flush=True)
+            return
     handle.seek(0)
     handle.truncate()
     handle.write(f"{command}, pid {os.getpid()} on host {socket.gethostname()}, since "
                  f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     handle.flush()
     _held_locks[key] = handle
+
+
+def holder_name(handle) -> str | None:
+    """The name in a held lock file, or None while it may not be the holder's yet: empty (the holder took the lock
+    but has not written) or naming a process of this host that no longer exists (a killed run's name, which the
+    holder is about to replace)."""
+    handle.seek(0)
+    name = handle.read().strip()
+    found = HOLDER.search(name)
+    if not name or (found and found[2] == socket.gethostname() and not process_alive(int(found[1]))):
+        return None
+    return name
 
 
 def on_rank_zero(action, *args) -> None:

@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 import export
+import run_folder
 import sample
 import train
 from checkpoint import HOST, CheckpointError, clean_leftovers, open_weights, read_config
@@ -351,6 +353,41 @@ def test_the_lock_of_an_out_names_its_holder_and_dies_with_it(tmp_path):
         holder.wait()
     coco.claim_out(out)
     assert f"pid {os.getpid()} on host" in (out / ".lock").read_text()
+
+
+LATE_HOLDER = """import fcntl, os, socket, sys, time
+handle = open(sys.argv[1], "a+")
+fcntl.flock(handle, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))  # the window between taking the lock and writing one's name, widened
+handle.seek(0); handle.truncate()
+handle.write(f"late holder, pid {os.getpid()} on host {socket.gethostname()}, since now\\n"); handle.flush()
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("before", ["empty", "a killed run's name"])
+@pytest.mark.parametrize("delay", [0.5, None])
+def test_a_refusal_names_the_holder_even_before_it_wrote_its_name(tmp_path, monkeypatch, before, delay):
+    """The holder writes its name just after it takes the lock; a run refused in between waits for it rather than
+    report an empty name or the name of the killed run the file still holds (a pid of this host that is gone).
+    A holder that never writes its name gets the fallback after run_folder.NAME_WAIT_S."""
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = f"train.py, pid {dead_pid()} on host {socket.gethostname()}, since then\n"
+    (out / ".lock").write_text("" if before == "empty" else stale)
+    monkeypatch.setattr(run_folder, "NAME_WAIT_S", 0.25 if delay is None else 30.0)
+    holder = subprocess.Popen([sys.executable, "-c", LATE_HOLDER, str(out / ".lock"), str(delay or 600)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        expected = (f"late holder, pid {holder.pid} on host {socket.gethostname()}" if delay else
+                    "a process that has not written its name yet")
+        with pytest.raises(SystemExit, match=rf"is in use by another run \({re.escape(expected)}"):
+            run_folder.lock_out(out, "test")
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 @pytest.mark.slow
